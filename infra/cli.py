@@ -1,0 +1,128 @@
+"""`vpit`: one entry point, a thin subcommand per stage.
+
+Each subcommand is a plain function taking parsed arguments; `COMMANDS` maps names to
+(function, parser builder) and a test keeps it in sync with the README. User mistakes
+raise `UserError` (or an `IngestError`/`ValueError` from config validation) and are
+printed as one line without a traceback (VPIT_DEBUG=1 shows it); only `main` exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+__all__ = ["COMMANDS", "UserError", "main"]
+
+# Third-party libraries that phone home at import; this tool is offline by design.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UserError(Exception):
+    """A mistake in how vpit was called: printed plainly, exit code 2."""
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=2, help="Ray tasks run at once (output does not depend on it)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (e.g. ray://head:10001 or auto); default: RAY_ADDRESS, else a local Ray")
+
+
+def _build_ingest(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="source_kind", required=True, metavar="KIND")
+    llava = sub.add_parser(
+        "llava", help="LLaVA/Cambrian-format JSON or JSONL -> understanding samples",
+        description="Ingest LLaVA/Cambrian-format records (JSON list or JSONL with id, image, conversations) "
+        "into WebDataset shards. Bad records go to quarantine.jsonl with a reason; a re-run resumes.",
+    )
+    llava.add_argument("input", help="JSON list or JSONL file")
+    llava.add_argument("--image-root", required=True, help="folder that record image paths are relative to")
+    llava.add_argument("--output", "-o", required=True, help="dataset folder to write (or resume)")
+    llava.add_argument("--source", default="llava", help="source name, the prefix of sample ids (default: llava)")
+    llava.add_argument("--shard-size", type=int, default=1000, help="input records per shard (default: 1000)")
+    llava.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
+                       help="quarantine images with more pixels (default: 64Mi)")
+    _add_ray(llava)
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from pipelines.ingest import run_ingest
+    from pipelines.llava import LlavaAdapter, LlavaConfig
+
+    if args.source_kind == "llava":
+        adapter = LlavaAdapter(LlavaConfig(
+            input=os.path.abspath(args.input), image_root=os.path.abspath(args.image_root), source=args.source,
+            shard_size=args.shard_size, max_pixels=args.max_pixels,
+        ))
+    report = run_ingest(adapter, args.output, workers=args.workers, ray_address=args.ray_address)
+    if report.shards_written == 0:
+        print(f"nothing to do: all {report.shards_total} shards of {report.output} are already complete")
+    print(report.summary())
+
+
+def _build_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="dataset folder (holds manifest.json)")
+    p.add_argument("-n", type=int, default=3, help="number of samples to render (default: 3)")
+    p.add_argument("--quarantine", type=int, default=5, help="quarantine lines to show (default: 5)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from pipelines.inspect import describe_dataset
+
+    print(describe_dataset(args.path, n=args.n, quarantine=args.quarantine))
+
+
+def _build_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", default="demo-out", help="folder for everything the demo writes (default: demo-out)")
+    p.add_argument("--samples", type=int, default=400, help="shapes-world records to generate (default: 400)")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (default: 2)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from infra.demo import run_demo
+
+    run_demo(args.output, samples=args.samples, workers=args.workers)
+
+
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "ingest": (cmd_ingest, _build_ingest, "raw source -> instruction shards (Ray Data job)"),
+    "inspect": (cmd_inspect, _build_inspect, "print a dataset's manifest summary and render samples"),
+    "demo": (cmd_demo, _build_demo, "run the whole pipeline on generated shapes-world data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vpit",
+        description="vpit: the data side of Visual-Predictive Instruction Tuning (MetaMorph). "
+        "Ingest sources into instruction shards, precompute visual tokens, mix, train, run grids.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, build, help_text) in COMMANDS.items():
+        build(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.ingest import IngestError
+
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command][0](args)
+    except (UserError, IngestError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("VPIT_DEBUG"):
+            raise
+        print(f"vpit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vpit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The ingest job: raw records -> instruction shards, as a Ray Data job.
+
+What from where: an `Adapter` knows one source kind (how to split the input into shard
+tasks, how to read a task's raw records, how to turn one into a `Sample`); `run_ingest`
+only schedules. Shards are decided before any worker starts (shard i = a fixed range of
+input records), each shard is one task whose output depends on its input alone, and
+the manifest lists shards in shard order, so the result is the same for any number of
+workers. A shard is done once its index and its manifest entry exist; a re-run redoes
+every shard that is not done and skips the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipelines.sample import Rejected, Sample
+from pipelines.shards import FORMAT_VERSION, load_manifest, save_json_atomic, shard_name, write_shard
+
+__all__ = ["Adapter", "IngestError", "IngestReport", "RawRecord", "run_ingest", "ingest_shard"]
+
+
+class IngestError(Exception):
+    """A user mistake that stops the job before it starts (bad paths, changed config...)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One raw input record, before conversion. `index` numbers records in input order."""
+
+    index: int
+    origin: dict[str, Any]
+    raw: Any
+
+
+class Adapter:
+    """One source kind. Subclasses set `source_kind`, `config` and implement three hooks."""
+
+    source_kind: str = ""
+    config: Any = None
+
+    def plan(self) -> list[dict[str, Any]]:
+        """Split the input into shard tasks (JSON-able), in input order. Runs once, on the driver.
+
+        Each task holds `records: [first, end)`, the input record numbers it covers.
+        """
+        raise NotImplementedError
+
+    def read(self, task: dict[str, Any]) -> Iterator[RawRecord]:
+        """Yield the raw records of one shard task, in input order."""
+        raise NotImplementedError
+
+    def convert(self, rec: RawRecord) -> Sample | None:
+        """Turn one raw record into a sample, raise `Rejected`, or return None for a non-record."""
+        raise NotImplementedError
+
+    def input_fingerprint(self) -> str:
+        """A hash of the input, so a resume over changed input is refused."""
+        raise NotImplementedError
+
+    def key(self, rec: RawRecord) -> str:
+        return f"{rec.index:09d}"
+
+    def describe(self) -> dict[str, Any]:
+        """The ingest config as recorded in the manifest."""
+        return {"adapter": self.source_kind, **dataclasses.asdict(self.config)}
+
+
+def ingest_shard(adapter: Adapter, root: Path, shard: int, task: dict[str, Any]) -> dict[str, Any]:
+    """Convert and write one shard; return its manifest entry. Pure function of its inputs."""
+    rejected: list[dict[str, Any]] = []
+
+    def good() -> Iterator[tuple[str, Sample]]:
+        for rec in adapter.read(task):
+            try:
+                sample = adapter.convert(rec)
+            except Rejected as e:
+                rejected.append({"reason": e.reason, "detail": e.detail, "origin": rec.origin})
+                continue
+            if sample is not None:
+                yield adapter.key(rec), sample
+
+    name = shard_name(shard)
+    qdir = root / "quarantine"
+    qdir.mkdir(parents=True, exist_ok=True)
+    # The quarantine part is written before the index: the index, written last, marks both done.
+    idx = write_shard(root, shard, _finish_after(good(), lambda: _write_quarantine(qdir / f"{name}.jsonl", rejected)))
+    return {
+        "name": name,
+        "shard": shard,
+        "samples": len(idx["samples"]),
+        "kinds": idx["kinds"],
+        "tar_bytes": idx["tar_bytes"],
+        "tar_sha256": idx["tar_sha256"],
+        "quarantined": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "records": task["records"],
+    }
+
+
+def _finish_after(items: Iterator, on_end) -> Iterator:
+    yield from items
+    on_end()
+
+
+def _write_quarantine(path: Path, rejected: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8")
+
+
+@dataclasses.dataclass
+class IngestReport:
+    """What a run did, for the end-of-job summary."""
+
+    output: Path
+    shards_total: int
+    shards_skipped: int
+    shards_written: int
+    samples: int
+    kinds: dict[str, int]
+    quarantined: dict[str, int]
+    seconds: float
+
+    def summary(self) -> str:
+        lines = [
+            f"dataset   {self.output}",
+            f"shards    {self.shards_total} total, {self.shards_written} written now, {self.shards_skipped} already complete",
+            f"samples   {self.samples}  (" + ", ".join(f"{k} {v}" for k, v in self.kinds.items()) + ")",
+            f"quarantined {sum(self.quarantined.values())}" + ("" if not self.quarantined else ":"),
+        ]
+        lines += [f"  {reason:<24} {n}" for reason, n in self.quarantined.items()]
+        if self.shards_written:
+            lines.append(f"time      {self.seconds:.1f}s, {self.samples / max(self.seconds, 1e-9):.0f} samples/s")
+        return "\n".join(lines)
+
+
+def _config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done_shards(root: Path, manifest: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """Shards with a manifest entry and an index whose tar is whole on disk."""
+    done = {}
+    for entry in (manifest or {}).get("shards", []):
+        idx_path = root / "shards" / f"{entry['name']}.idx.json"
+        tar_path = root / "shards" / f"{entry['name']}.tar"
+        if idx_path.exists() and tar_path.exists() and tar_path.stat().st_size == entry["tar_bytes"]:
+            done[entry["shard"]] = entry
+    return done
+
+
+def _write_manifest(root: Path, config: dict[str, Any], n_shards: int, done: dict[int, dict[str, Any]]) -> dict:
+    shards = [done[i] for i in sorted(done)]
+    kinds: Counter = Counter()
+    quarantined: Counter = Counter()
+    for s in shards:
+        kinds.update(s["kinds"])
+        quarantined.update(s["quarantined"])
+    manifest = {
+        "format": "vpit-shards",
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "config_hash": _config_hash(config),
+        "shards_planned": n_shards,
+        "complete": len(shards) == n_shards,
+        "samples": sum(s["samples"] for s in shards),
+        "kinds": dict(sorted(kinds.items())),
+        "quarantined": dict(sorted(quarantined.items())),
+        "shards": shards,
+    }
+    save_json_atomic(root / "manifest.json", manifest)
+    return manifest
+
+
+def _rebuild_quarantine(root: Path, n_shards: int) -> None:
+    parts = [root / "quarantine" / f"{shard_name(i)}.jsonl" for i in range(n_shards)]
+    tmp = root / "quarantine.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        for p in parts:
+            if p.exists():
+                out.write(p.read_text(encoding="utf-8"))
+    tmp.replace(root / "quarantine.jsonl")
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster (`address` or RAY_ADDRESS), or start a local one."""
+    import ray
+
+    import logging
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # Our own tqdm bar reports progress in shards; Ray Data's per-operator logging would bury it.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def run_ingest(adapter: Adapter, output: str | Path, *, workers: int = 2, ray_address: str | None = None,
+               progress: bool = True) -> IngestReport:
+    """Ingest `adapter`'s input into `output`, resuming whatever a previous run left."""
+    import ray
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    config = dict(adapter.describe(), input_sha256=adapter.input_fingerprint())
+    manifest = load_manifest(root)
+    if manifest is not None and manifest["config_hash"] != _config_hash(config):
+        changed = sorted(k for k in set(config) | set(manifest["config"]) if config.get(k) != manifest["config"].get(k))
+        raise IngestError(
+            f"{root} holds a dataset ingested with another config (differs in: {', '.join(changed)}); "
+            "choose a new --output, or delete the folder to start over"
+        )
+    tasks = adapter.plan()
+    done = _done_shards(root, manifest)
+    todo = [i for i in range(len(tasks)) if i not in done]
+    skipped = len(done)
+    manifest = _write_manifest(root, config, len(tasks), done)
+    if todo:
+        init_ray(ray_address)
+        items = [{"shard": i, "task": json.dumps(tasks[i])} for i in todo]
+
+        def work(row: dict[str, Any]) -> dict[str, Any]:
+            entry = ingest_shard(adapter, root, int(row["shard"]), json.loads(row["task"]))
+            return {"entry": json.dumps(entry)}
+
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map(work, compute=ray.data.TaskPoolStrategy(size=max(1, workers)), num_cpus=1)
+        bar = tqdm(total=len(todo), desc=f"ingest {adapter.source_kind}", unit="shard", disable=not progress)
+        for row in ds.iter_rows():
+            entry = json.loads(row["entry"])
+            done[entry["shard"]] = entry
+            manifest = _write_manifest(root, config, len(tasks), done)  # the entry that marks it done
+            bar.update(1)
+        bar.close()
+    _rebuild_quarantine(root, len(tasks))
+    return IngestReport(
+        output=root,
+        shards_total=len(tasks),
+        shards_skipped=skipped,
+        shards_written=len(todo),
+        samples=manifest["samples"],
+        kinds=manifest["kinds"],
+        quarantined=manifest["quarantined"],
+        seconds=time.perf_counter() - start,
+    )

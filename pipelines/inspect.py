@@ -1,0 +1,50 @@
+"""Render a dataset as text: the manifest summary, some samples with lineage, quarantine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.shards import Dataset
+
+__all__ = ["describe_dataset", "render_sample"]
+
+
+def render_sample(record: dict) -> str:
+    """One sample as a human reads it: roles, text, and images marked input or target."""
+    lines = [f"── {record['id']}  [{record['kind']}]  from {record['origin']}"]
+    for msg in record["messages"]:
+        parts = []
+        for part in msg["content"]:
+            if "text" in part:
+                parts.append(part["text"])
+            else:
+                img = record["images"][part["image"]]
+                role = "target" if msg["role"] == "assistant" else "input"
+                parts.append(f"<image {part['image']}: {img['member']} {img['width']}x{img['height']} {role}>")
+        lines.append(f"  {msg['role']:>9}: " + " ".join(parts).replace("\n", "\n" + " " * 13))
+    return "\n".join(lines)
+
+
+def describe_dataset(path: str | Path, n: int = 3, quarantine: int = 5) -> str:
+    ds = Dataset(path)
+    m = ds.manifest
+    out = [
+        f"dataset  {ds.root}",
+        f"config   " + ", ".join(f"{k}={v}" for k, v in sorted(m["config"].items()) if k != "input_sha256"),
+        f"status   {'complete' if m['complete'] else 'INCOMPLETE (re-run the ingest command to finish)'}: "
+        f"{len(m['shards'])}/{m['shards_planned']} shards",
+        f"samples  {m['samples']}: " + ", ".join(f"{k} {v}" for k, v in m["kinds"].items()),
+        f"quarantined {sum(m['quarantined'].values())}" + "".join(f"\n  {r:<24} {c}" for r, c in m["quarantined"].items()),
+        "",
+    ]
+    shown = 0
+    for sample in ds:
+        if shown >= n:
+            break
+        out.append(render_sample(sample.record))
+        shown += 1
+    bad = ds.quarantine()[:quarantine]
+    if bad:
+        out.append("\nquarantine (first %d):" % len(bad))
+        out += [f"  {q['reason']:<24} {q['origin']}  {q['detail']}" for q in bad]
+    return "\n".join(out)
