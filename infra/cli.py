@@ -88,8 +88,54 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.output, samples=args.samples, workers=args.workers)
 
 
+def _build_precompute(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Encode every image of DATASET once with a frozen vision encoder and store its visual tokens in "
+        "DATASET/tokens/<fingerprint>/ (one memory-mappable .npy per shard, aligned with the shard index). "
+        "The fingerprint hashes every setting that changes the numbers, so caches of several encoders live "
+        "side by side. Runs as a Ray Data job with one encoder per actor (one actor per GPU on a GPU cluster); "
+        "a re-run skips complete shards and redoes partial or stale ones."
+    )
+    p.add_argument("dataset", help="dataset folder (holds manifest.json)")
+    p.add_argument("--encoder", required=True,
+                   help="`tiny` (random tiny SigLIP, for tests and the demo), a local SigLIP/CLIP model folder, "
+                   "or a model id in the local Hugging Face cache (e.g. google/siglip-so400m-patch14-384)")
+    p.add_argument("--revision", default=None, help="hub revision when --encoder is a model id")
+    p.add_argument("--tokens", type=int, default=64, help="visual tokens per image, a perfect square (default: 64 = 8x8)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="cache dtype (default: fp16)")
+    p.add_argument("--layer", type=int, default=-1, help="hidden-state index to pool (default: -1, the last layer)")
+    p.add_argument("--pooling", choices=("bilinear", "avg"), default="bilinear",
+                   help="patch grid -> s x s: bilinear resize, align_corners=False (default), or average pooling")
+    p.add_argument("--normalize", choices=("l2", "none"), default="l2", help="per-token normalisation (default: l2)")
+    p.add_argument("--compute-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the encoder forward (default: fp32; bf16 is faster on GPUs)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
+    p.add_argument("--actors", type=int, default=None, help="encoder actors (default: one per GPU, else 1)")
+    p.add_argument("--actor-cpus", type=float, default=1.0, help="Ray CPUs (and torch threads) per actor (default: 1)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (e.g. ray://head:10001 or auto); default: RAY_ADDRESS, else a local Ray")
+
+
+def cmd_precompute(args: argparse.Namespace) -> None:
+    from model.encoder import EncoderConfig
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+    from pipelines.token_cache import CacheError
+
+    enc = EncoderConfig(encoder=args.encoder, revision=args.revision, layer=args.layer, pooling=args.pooling,
+                        tokens=args.tokens, normalize=args.normalize, dtype=args.dtype, compute_dtype=args.compute_dtype)
+    job = PrecomputeConfig(batch_size=args.batch_size, actors=args.actors, actor_cpus=args.actor_cpus)
+    try:
+        report = run_precompute(args.dataset, enc, job, ray_address=args.ray_address)
+    except CacheError as e:
+        raise UserError(str(e)) from None
+    if report.shards_written == 0:
+        print(f"nothing to do: all {report.shards_total} shards of {report.dataset} are already cached")
+    print(report.summary())
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "ingest": (cmd_ingest, _build_ingest, "raw source -> instruction shards (Ray Data job)"),
+    "precompute": (cmd_precompute, _build_precompute, "images -> cached frozen-encoder visual tokens (Ray Data job)"),
     "inspect": (cmd_inspect, _build_inspect, "print a dataset's manifest summary and render samples"),
     "demo": (cmd_demo, _build_demo, "run the whole pipeline on generated shapes-world data"),
 }

@@ -1,0 +1,207 @@
+"""The token cache: per-encoder-fingerprint visual tokens beside the shards, memory-mapped.
+
+Layout (several fingerprints side by side):
+
+    DATASET/tokens/<fingerprint>/fingerprint.json       the readable settings, m, d, the command
+    DATASET/tokens/<fingerprint>/shard-000000.npy       (rows, m, d): one row per image, in shard
+                                                        order, images in record["images"] order
+    DATASET/tokens/<fingerprint>/shard-000000.offsets.npy  int64 (samples + 1,): sample p owns
+                                                        rows offsets[p]:offsets[p+1]
+    DATASET/tokens/<fingerprint>/shard-000000.done.json the shard's tar_sha256 and row count,
+                                                        written LAST: its presence marks the shard whole
+
+Raw .npy (not safetensors) because numpy memory-maps it with no extra dependency and no copy,
+and `np.load(allow_pickle=False)` cannot run code. numpy has no bfloat16, so bf16 caches store
+the bit pattern as uint16 and reads widen it to float32 (exact).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CacheError",
+    "TokenCache",
+    "available_fingerprints",
+    "cache_dir",
+    "check_cache",
+    "from_storage",
+    "marker_path",
+    "precompute_command",
+    "tokens_path",
+    "offsets_path",
+]
+
+STORAGE_NUMPY = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
+
+
+class CacheError(Exception):
+    """The cache asked for is missing, stale or partial; the message says what and how to fix it."""
+
+
+def cache_dir(dataset_root: str | Path, fingerprint: str) -> Path:
+    return Path(dataset_root) / "tokens" / fingerprint
+
+
+def tokens_path(cdir: Path, name: str) -> Path:
+    return cdir / f"{name}.npy"
+
+
+def offsets_path(cdir: Path, name: str) -> Path:
+    return cdir / f"{name}.offsets.npy"
+
+
+def marker_path(cdir: Path, name: str) -> Path:
+    return cdir / f"{name}.done.json"
+
+
+def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored tokens -> float32 (a copy). bf16 is the top half of a float32's bits."""
+    if dtype == "bf16":
+        return (np.asarray(arr, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(arr, dtype=np.float32)
+
+
+def precompute_command(dataset_root: str | Path, info: dict[str, Any]) -> str:
+    """The `vpit precompute` call that (re)builds the cache described by `info` (fingerprint.json)."""
+    s = info["settings"]
+    parts = ["vpit precompute", str(dataset_root), "--encoder", info["encoder"]]
+    if info.get("revision"):
+        parts += ["--revision", info["revision"]]
+    parts += ["--tokens", str(s["tokens"]), "--dtype", s["dtype"]]
+    defaults = {"layer": -1, "pooling": "bilinear", "normalize": "l2", "compute_dtype": "fp32"}
+    for key, default in defaults.items():
+        if s[key] != default:
+            parts += [f"--{key.replace('_', '-')}", str(s[key])]
+    return " ".join(parts)
+
+
+def _load_manifest(root: Path) -> dict[str, Any]:
+    path = root / "manifest.json"
+    if not path.exists():
+        raise CacheError(f"{root} holds no manifest.json: is it a vpit dataset (vpit ingest ...)?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _shard_state(cdir: Path, entry: dict[str, Any], m: int, dim: int, dtype: str) -> str:
+    """'ok', 'missing', 'stale' (written for another version of the shard) or 'partial'."""
+    name = entry["name"]
+    marker, data, offs = marker_path(cdir, name), tokens_path(cdir, name), offsets_path(cdir, name)
+    if not marker.exists():
+        return "partial" if data.exists() or offs.exists() else "missing"
+    done = json.loads(marker.read_text(encoding="utf-8"))
+    if done.get("tar_sha256") != entry["tar_sha256"]:
+        return "stale"
+    if not data.exists() or not offs.exists():
+        return "partial"
+    header = np.load(data, mmap_mode="r", allow_pickle=False) if done["rows"] else np.load(data, allow_pickle=False)
+    if header.shape != (done["rows"], m, dim) or header.dtype != STORAGE_NUMPY[dtype]:
+        return "partial"
+    if data.stat().st_size != done["bytes"]:  # truncated or grown behind our back
+        return "partial"
+    return "ok"
+
+
+def check_cache(dataset_root: str | Path, fingerprint: str) -> dict[str, list[str]]:
+    """Shard names per state ('ok', 'missing', 'stale', 'partial'); all 'missing' if no cache yet."""
+    root = Path(dataset_root)
+    manifest = _load_manifest(root)
+    cdir = cache_dir(root, fingerprint)
+    states: dict[str, list[str]] = {"ok": [], "missing": [], "stale": [], "partial": []}
+    info_path = cdir / "fingerprint.json"
+    if not info_path.exists():
+        states["missing"] = [s["name"] for s in manifest["shards"]]
+        return states
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    for entry in manifest["shards"]:
+        states[_shard_state(cdir, entry, info["m"], info["dim"], info["settings"]["dtype"])].append(entry["name"])
+    return states
+
+
+def available_fingerprints(dataset_root: str | Path) -> list[str]:
+    """Fingerprints whose cache is complete and matches the dataset as it is now, sorted."""
+    base = Path(dataset_root) / "tokens"
+    if not base.is_dir():
+        return []
+    out = []
+    for d in sorted(base.iterdir()):
+        if (d / "fingerprint.json").exists():
+            states = check_cache(dataset_root, d.name)
+            if not (states["missing"] or states["stale"] or states["partial"]):
+                out.append(d.name)
+    return out
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class TokenCache:
+    """Read a dataset's token cache for one fingerprint: O(1) memory-mapped lookup per sample.
+
+    Args:
+        dataset_root: the dataset folder (holds manifest.json).
+        fingerprint: the encoder fingerprint (`vpit precompute` prints it; `available_fingerprints`).
+
+    Raises:
+        CacheError: the cache is missing, stale (the dataset changed since) or partial; the
+            message names the shards and the command that fixes it.
+    """
+
+    def __init__(self, dataset_root: str | Path, fingerprint: str):
+        self.root = Path(dataset_root)
+        self.fingerprint = fingerprint
+        self.dir = cache_dir(self.root, fingerprint)
+        info_path = self.dir / "fingerprint.json"
+        if not info_path.exists():
+            have = available_fingerprints(self.root)
+            raise CacheError(
+                f"{self.root} has no token cache with fingerprint {fingerprint} (all shards missing); "
+                f"available: {', '.join(have) or 'none'}. Build it with `vpit precompute {self.root} --encoder ENCODER "
+                "--tokens M --dtype fp16|bf16`, using the encoder settings that print this fingerprint"
+            )
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        states = check_cache(self.root, fingerprint)
+        bad = [(k, states[k]) for k in ("missing", "stale", "partial") if states[k]]
+        if bad:
+            what = "; ".join(f"{k}: {_names(v)}" for k, v in bad)
+            raise CacheError(
+                f"token cache {fingerprint} of {self.root} is not usable ({what}; stale = written for another "
+                f"version of the shard). Fix it with: {precompute_command(self.root, info)}"
+            )
+        self.info: dict[str, Any] = info["settings"]
+        self.m: int = info["m"]
+        self.dim: int = info["dim"]
+        self.dtype: str = self.info["dtype"]
+        self.names = [s["name"] for s in _load_manifest(self.root)["shards"]]
+        self._offsets: dict[int, np.ndarray] = {}
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        if shard not in self._arrays:
+            name = self.names[shard]
+            self._offsets[shard] = np.load(offsets_path(self.dir, name), allow_pickle=False)
+            rows = int(self._offsets[shard][-1])
+            # numpy cannot memory-map a zero-length payload; an empty shard is just loaded.
+            self._arrays[shard] = np.load(tokens_path(self.dir, name), allow_pickle=False,
+                                          mmap_mode="r" if rows else None)
+        return self._offsets[shard], self._arrays[shard]
+
+    def rows(self, shard: int, position: int) -> tuple[int, int]:
+        """The [start, end) rows of sample `position` of `shard` in that shard's token array."""
+        offsets, _ = self._shard(shard)
+        if not 0 <= position < len(offsets) - 1:
+            raise IndexError(f"{self.names[shard]} has {len(offsets) - 1} samples, asked for position {position}")
+        return int(offsets[position]), int(offsets[position + 1])
+
+    def tokens(self, shard: int, position: int) -> np.ndarray:
+        """Float32 (n_images, m, d) for one sample, images in record["images"] order; (0, m, d) for text-only."""
+        start, end = self.rows(shard, position)
+        return from_storage(self._arrays[shard][start:end], self.dtype)
+
+    def __repr__(self) -> str:
+        return f"TokenCache({str(self.root)!r}, {self.fingerprint!r}: m={self.m}, d={self.dim}, {self.dtype})"
