@@ -1,0 +1,214 @@
+"""Load a mixture spec from YAML: includes, dotted overrides, strict key and type checks.
+
+Order of resolution: each file's source paths are made absolute against that file's
+folder; an `include:` is loaded first and the including file's keys are merged over it
+(mappings merge key by key, a value of null deletes the key); then overrides apply, as
+dotted paths (`groups.generation.count: 200k`), which is how a grid varies one number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixtures.spec import GroupSpec, MixtureSpec, SourceSpec, parse_count
+
+__all__ = ["apply_overrides", "load_raw", "load_spec", "spec_from_dict"]
+
+TOP_KEYS = {"include", "description", "seed", "repetition", "cache", "total", "sources", "groups"}
+SOURCE_KEYS = {"path", "group", "kind"}
+GROUP_KEYS = {"count", "weight", "split"}
+
+
+class _Problems(list):
+    def check(self, ok: bool, msg: str) -> bool:
+        if not ok:
+            self.append(msg)
+        return ok
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mixture spec {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"mixture spec {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"mixture spec {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _normalise(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Expand group shorthands (`understanding: 7M`) and make source paths absolute."""
+    data = dict(data)
+    if isinstance(data.get("groups"), dict):
+        data["groups"] = {k: (v if isinstance(v, dict) or v is None else {"count": v})
+                          for k, v in data["groups"].items()}
+    if isinstance(data.get("sources"), dict):
+        sources = {}
+        for name, src in data["sources"].items():
+            if isinstance(src, dict) and isinstance(src.get("path"), str):
+                src = dict(src, path=str((folder / src["path"]).resolve()))
+            sources[name] = src
+        data["sources"] = sources
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The merged, normalised YAML mapping of `path` and everything it includes."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path))
+        raise ValueError(f"include: include cycle {cycle}; remove one of these includes")
+    data = _normalise(_read_yaml(path), path.parent)
+    includes = data.pop("include", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ValueError(f"{path.name}: include: expected a file name or a list of them, got {includes!r}")
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = _merge(merged, load_raw(path.parent / inc, (*_chain, path)))
+    return _merge(merged, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Set dotted paths in `data`. String values are read as YAML scalars ("3" -> 3, "null" deletes)."""
+    data = _normalise(data, folder)
+    for dotted, value in overrides.items():
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else value
+        keys = dotted.split(".")
+        if not all(keys):
+            raise ValueError(f"override {dotted!r}: empty key in dotted path")
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                raise ValueError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is a value, not a mapping")
+            else:
+                child = node[k] = dict(child)
+            node = child
+        if keys[0] == "groups" and len(keys) == 2 and value is not None and not isinstance(value, dict):
+            value = {"count": value}  # `groups.generation: 200k` like the YAML shorthand
+        if keys[0] == "sources" and keys[-1] == "path" and isinstance(value, str):
+            value = str((folder / value).resolve())
+        if value is None:
+            node.pop(keys[-1], None)
+        else:
+            node[keys[-1]] = value
+    return data
+
+
+def _unknown(where: str, got: dict, allowed: set[str], problems: _Problems) -> None:
+    for k in got:
+        if k not in allowed:
+            problems.append(f"{where}{k}: unknown key; allowed here: {', '.join(sorted(allowed))}")
+
+
+def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
+    """Check keys and types of a merged mapping and build the spec; every problem is reported."""
+    p = _Problems()
+    _unknown("", data, TOP_KEYS, p)
+    seed = data.get("seed", 0)
+    p.check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+            f"seed: expected an integer >= 0, got {seed!r}")
+    repetition = data.get("repetition", "error")
+    p.check(repetition in ("error", "allow"), f"repetition: expected error or allow, got {repetition!r}")
+    cache = data.get("cache")
+    p.check(cache is None or (isinstance(cache, str) and cache != ""),
+            f"cache: expected a token-cache fingerprint string, got {cache!r}")
+    total = None
+    if data.get("total") is not None:
+        try:
+            total = parse_count(data["total"], "total")
+        except ValueError as e:
+            p.append(str(e))
+
+    sources = []
+    raw_sources = data.get("sources")
+    if p.check(isinstance(raw_sources, dict) and raw_sources, "sources: expected a mapping of source name -> "
+               "{path, group, kind}; the spec has none"):
+        for name, src in raw_sources.items():
+            where = f"sources.{name}"
+            if not p.check(isinstance(src, dict), f"{where}: expected a mapping with path and group, got {src!r}"):
+                continue
+            _unknown(f"{where}.", src, SOURCE_KEYS, p)
+            for key in ("path", "group"):
+                p.check(isinstance(src.get(key), str), f"{where}.{key}: required, a string; got {src.get(key)!r}")
+            kind = src.get("kind")
+            p.check(kind is None or isinstance(kind, str), f"{where}.kind: expected a kind name, got {kind!r}")
+            try:
+                if isinstance(src.get("path"), str) and isinstance(src.get("group"), str):
+                    sources.append(SourceSpec(name=str(name), path=Path(src["path"]), group=src["group"], kind=kind))
+            except ValueError as e:
+                p.append(str(e))
+
+    groups = []
+    raw_groups = data.get("groups")
+    if p.check(isinstance(raw_groups, dict) and raw_groups, "groups: expected a mapping of group name -> count "
+               "(or {count|weight, split}); the spec has none"):
+        for name, grp in raw_groups.items():
+            where = f"groups.{name}"
+            if not p.check(isinstance(grp, dict), f"{where}: expected a count or a mapping, got {grp!r}"):
+                continue
+            _unknown(f"{where}.", grp, GROUP_KEYS, p)
+            kw: dict[str, Any] = {"name": str(name)}
+            try:
+                if grp.get("count") is not None:
+                    kw["count"] = parse_count(grp["count"], f"{where}.count")
+                if grp.get("weight") is not None:
+                    w = grp["weight"]
+                    if isinstance(w, bool) or not isinstance(w, int | float):
+                        raise ValueError(f"{where}.weight: expected a number > 0, got {w!r}")
+                    kw["weight"] = float(w)
+                split = grp.get("split", "proportional")
+                if isinstance(split, dict):
+                    shares = []
+                    for src, w in split.items():
+                        if isinstance(w, bool) or not isinstance(w, int | float):
+                            raise ValueError(f"{where}.split.{src}: expected a share > 0, got {w!r}")
+                        shares.append((str(src), float(w)))
+                    kw["split"], kw["shares"] = "explicit", tuple(shares)
+                elif split == "explicit":
+                    raise ValueError(f"{where}.split: explicit means a mapping {{source: share}}, e.g. "
+                                     "split: {vqa: 3, captions: 1}")
+                else:
+                    kw["split"] = split
+                groups.append(GroupSpec(**kw))
+            except ValueError as e:
+                p.append(str(e))
+    if p:
+        raise ValueError(f"invalid mixture spec {origin}:\n  - " + "\n  - ".join(p))
+    return MixtureSpec(sources=tuple(sources), groups=tuple(groups), seed=seed, repetition=repetition,
+                       cache=cache, total=total, origin=origin)
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> MixtureSpec:
+    """Load, merge includes, apply dotted overrides, validate. Raises ValueError naming each bad field."""
+    path = Path(path)
+    data = load_raw(path)
+    if overrides:
+        data = apply_overrides(data, overrides, path.resolve().parent)
+    return spec_from_dict(data, origin=str(path))

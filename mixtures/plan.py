@@ -1,0 +1,243 @@
+"""The planner: spec + manifests -> exact per-source counts, feasibility, estimates, a hash.
+
+Pure apart from reading manifests (and a few sample records for the token estimates):
+nothing is written. Every infeasibility is collected and raised at once, each saying what
+to change. The plan hash covers what decides the sample sequence (seed, cache, each
+source's group, filter, data checksums and count), not where the data lives, so a run
+moved to another machine resumes with the same hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+
+from mixtures.catalog import Catalog, RecordReader, build_catalog
+from mixtures.quota import apportion
+from mixtures.spec import MixtureSpec
+
+__all__ = ["PLAN_VERSION", "Plan", "SourcePlan", "make_plan", "text_chars"]
+
+PLAN_VERSION = 1  # bump when the sampler's mapping from (plan, index) to sample changes
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English BPE tokenizers; estimates only
+ESTIMATE_SAMPLES = 32  # records read per source for the token estimates
+DEFAULT_M = 64  # visual tokens per image when no cache is named (the reference recipe)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SourcePlan:
+    """One source's part of the plan."""
+
+    name: str
+    group: str
+    kind: str | None
+    catalog: Catalog
+    """Its eligible samples and how to find them."""
+    count: int
+    """Samples it contributes over the run."""
+    text_tokens: int
+    """Estimated text tokens over the run."""
+    images: int
+    """Estimated images over the run."""
+
+    @property
+    def available(self) -> int:
+        return self.catalog.size
+
+    @property
+    def repeat(self) -> float:
+        return self.count / self.available
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """Exact counts for a spec; everything the sampler needs, and a hash that names it."""
+
+    spec: MixtureSpec
+    sources: tuple[SourcePlan, ...]
+    groups: tuple[tuple[str, int], ...]
+    """(group, planned count) in spec order."""
+    m: int
+    """Visual tokens per image (from the cache, else the reference 64)."""
+    dim: int | None
+    """Visual token width (from the cache), None without one."""
+    hash: str
+
+    @property
+    def total(self) -> int:
+        return sum(c for _, c in self.groups)
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s.name: s.count for s in self.sources}
+
+    def table(self) -> str:
+        """The plan as a human reads it (what `vpit mix plan` prints)."""
+        cache = f"{self.spec.cache} (m={self.m}, d={self.dim})" if self.spec.cache else f"none (m={self.m} assumed)"
+        lines = [f"mixture {self.spec.origin}", f"  plan hash {self.hash}   seed {self.seed}   "
+                 f"repetition {self.spec.repetition}   token cache {cache}", ""]
+        head = ("source", "group", "kind", "available", "planned", "repeat", "text tok*", "visual tok*")
+        rows = [(s.name, s.group, s.kind or "any", f"{s.available:,}", f"{s.count:,}", f"{s.repeat:.2f}x",
+                 _human(s.text_tokens), _human(s.images * self.m)) for s in self.sources]
+        lines += _grid(head, rows, 3)
+        lines.append("")
+        head = ("group", "planned", "share", "text tok*", "visual tok*", "visual share")
+        rows = []
+        for g, count in self.groups:
+            members = [s for s in self.sources if s.group == g]
+            text = sum(s.text_tokens for s in members)
+            vis = sum(s.images for s in members) * self.m
+            rows.append((g, f"{count:,}", f"{count / self.total:.1%}", _human(text), _human(vis),
+                         f"{vis / max(1, text + vis):.1%}"))
+        text = sum(s.text_tokens for s in self.sources)
+        vis = sum(s.images for s in self.sources) * self.m
+        rows.append(("total", f"{self.total:,}", "100.0%", _human(text), _human(vis), f"{vis / max(1, text + vis):.1%}"))
+        lines += _grid(head, rows, 1)
+        repeated = [s for s in self.sources if s.count > s.available]
+        if repeated:
+            lines.append("")
+            lines += [f"  repeats {s.name}: each sample {s.count // s.available} or {-(-s.count // s.available)} "
+                      f"times ({s.repeat:.2f}x, repetition: allow)" for s in repeated]
+        lines.append(f"\n  * estimated: text from {ESTIMATE_SAMPLES} records per source at {CHARS_PER_TOKEN} "
+                     f"chars/token; visual = images x {self.m}")
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{int(n)}"
+
+
+def _grid(head: tuple, rows: list[tuple], left: int) -> list[str]:
+    """Text columns: the first `left` left-aligned, numbers right-aligned."""
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  " + "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)  # noqa: E731
+                                     for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    return [fmt(head), "  " + "-" * (sum(widths) + 2 * len(widths) - 2), *map(fmt, rows)]
+
+
+def text_chars(record: dict) -> int:
+    """Characters of text in a sample's messages."""
+    return sum(len(part.get("text", "")) for msg in record.get("messages", []) for part in msg["content"])
+
+
+def _split(spec: MixtureSpec, group, amount: int, catalogs: dict[str, Catalog]) -> dict[str, int]:
+    members = [s.name for s in spec.sources if s.group == group.name]
+    if group.split == "equal":
+        weights = [1] * len(members)
+    elif group.split == "explicit":
+        shares = dict(group.shares)
+        weights = [shares[m] for m in members]
+    else:
+        weights = [catalogs[m].size for m in members]
+    return dict(zip(members, apportion(amount, weights), strict=True))
+
+
+def _most_feasible(group, members: list[str], catalogs: dict[str, Catalog], shares: dict[str, float]) -> int:
+    """The largest amount the group can take without repeating any of its sources (close bound)."""
+    sizes = {m: catalogs[m].size for m in members}
+    if group.split == "proportional":
+        return sum(sizes.values())
+    w = {m: (1.0 if group.split == "equal" else shares[m]) for m in members}
+    return int(min(sizes[m] * sum(w.values()) / w[m] for m in members))
+
+
+def _check_cache(spec: MixtureSpec, problems: list[str]) -> tuple[int, int | None]:
+    if spec.cache is None:
+        return DEFAULT_M, None
+    try:
+        from pipelines.token_cache import CacheError, TokenCache
+    except ImportError:
+        problems.append("cache: this vpit has no token-cache support (pipelines.token_cache); remove cache:")
+        return DEFAULT_M, None
+    m = dim = None
+    for s in spec.sources:
+        try:
+            cache = TokenCache(s.path, spec.cache)
+        except CacheError as e:
+            problems.append(f"cache: source {s.name} ({s.path}) has no usable token cache {spec.cache!r}: {e}")
+            continue
+        if m is not None and (cache.m, cache.dim) != (m, dim):
+            problems.append(f"cache: source {s.name} has tokens of shape ({cache.m}, {cache.dim}) but others "
+                            f"({m}, {dim}); precompute every source with the same encoder")
+        m, dim = cache.m, cache.dim
+    return (m or DEFAULT_M), dim
+
+
+def _estimate(name: str, catalog: Catalog, count: int, seed: int) -> tuple[int, int]:
+    """(text tokens, images) over `count` draws, from a seeded sample of the source's records."""
+    from mixtures.sampler import source_items  # the same permutation the stream draws from
+
+    n = min(ESTIMATE_SAMPLES, catalog.size)
+    shards, positions = catalog.locate(source_items(seed, name, catalog.size, np.arange(n)))
+    reader = RecordReader(catalog.root, catalog.shard_names)
+    try:
+        records = [reader.record(int(s), int(p)) for s, p in zip(shards, positions, strict=True)]
+    finally:
+        reader.close()
+    chars = sum(text_chars(r) for r in records) / n
+    images = sum(len(r.get("images", [])) for r in records) / n
+    return round(count * chars / CHARS_PER_TOKEN), round(count * images)
+
+
+def make_plan(spec: MixtureSpec) -> Plan:
+    """Resolve the spec against its datasets. Raises ValueError listing every problem and its fix."""
+    problems: list[str] = []
+    catalogs: dict[str, Catalog] = {}
+    for s in spec.sources:
+        try:
+            catalogs[s.name] = build_catalog(s.path, s.kind, f"sources.{s.name}.path")
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if catalogs[s.name].size == 0:
+            have = ", ".join(f"{k} {v}" for k, v in catalogs[s.name].kinds.items()) or "no samples"
+            problems.append(f"sources.{s.name}.kind: {s.path} has no samples of kind {s.kind!r} (it has: {have}); "
+                            "change kind or the path")
+    m, dim = _check_cache(spec, problems)
+    if problems:
+        raise ValueError(f"cannot plan {spec.origin}:\n  - " + "\n  - ".join(problems))
+
+    if spec.total is not None:
+        amounts = apportion(spec.total, [g.weight for g in spec.groups])
+        for g, a in zip(spec.groups, amounts, strict=True):
+            if a == 0:
+                problems.append(f"groups.{g.name}.weight: {g.weight} of total {spec.total:,} rounds to 0 samples; "
+                                "raise the weight or the total")
+    else:
+        amounts = [g.count for g in spec.groups]
+    counts: dict[str, int] = {}
+    for g, amount in zip(spec.groups, amounts, strict=True):
+        split = _split(spec, g, amount, catalogs)
+        counts.update(split)
+        over = [n for n, c in split.items() if c > catalogs[n].size]
+        if over and spec.repetition == "error":
+            most = _most_feasible(g, list(split), catalogs, dict(g.shares))
+            field = f"groups.{g.name}.count" if spec.total is None else f"total (or groups.{g.name}.weight)"
+            detail = ", ".join(f"{n} needs {split[n]:,} of {catalogs[n].size:,}" for n in over)
+            problems.append(f"{field}: group {g.name} asks for {amount:,} samples but {detail}; lower it to at most "
+                            f"{most:,}, add sources to group {g.name}, or set repetition: allow")
+    if problems:
+        raise ValueError(f"infeasible mixture {spec.origin}:\n  - " + "\n  - ".join(problems))
+
+    sources = []
+    for s in spec.sources:
+        text, images = _estimate(s.name, catalogs[s.name], counts[s.name], spec.seed)
+        sources.append(SourcePlan(name=s.name, group=s.group, kind=s.kind, catalog=catalogs[s.name],
+                                  count=counts[s.name], text_tokens=text, images=images))
+    groups = tuple((g.name, a) for g, a in zip(spec.groups, amounts, strict=True))
+    from mixtures.sampler import SAMPLER_VERSION
+
+    key = {"plan": PLAN_VERSION, "sampler": SAMPLER_VERSION, "seed": spec.seed, "cache": spec.cache,
+           "groups": groups, "sources": [(s.name, s.group, s.kind, s.catalog.fingerprint, s.count) for s in sources]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Plan(spec=spec, sources=tuple(sources), groups=groups, m=m, dim=dim, hash=digest)

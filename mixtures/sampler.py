@@ -1,0 +1,119 @@
+"""The sampler: pure numpy functions of (plan, global batch size, global sample index).
+
+- `make_schedule` runs the quota method once per (plan, B): how many draws each source
+  gets in each global batch (`mixtures.quota`), kept as cumulative counts, so batch k's
+  draws from source s are draws[k, s] .. draws[k + 1, s] - 1.
+- The j-th draw from a source is element j mod size of a seeded permutation of its
+  eligible samples, a fresh permutation per pass (epoch = j // size). With repetition
+  every sample thus appears floor or ceil of count / size times, never more.
+- Inside a batch, a permutation seeded by (seed, k) orders the slots, so a batch is not
+  sorted by source.
+
+Nothing here depends on ranks, workers or wall clock: the global sequence is fixed by
+the plan and B, and ranks/workers only choose which part of it they materialise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+import numpy as np
+
+from mixtures.quota import group_schedule, split_schedule
+
+__all__ = ["SAMPLER_VERSION", "Schedule", "batch_slots", "locate", "make_schedule", "sample_at", "source_items"]
+
+SAMPLER_VERSION = 1
+_PURPOSE_SOURCE = 1  # SeedSequence purposes: independent streams for the two kinds of shuffle
+_PURPOSE_BATCH = 2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    """Per-batch draw counts of a plan at one global batch size."""
+
+    batch_size: int
+    starts: np.ndarray
+    """int64 (K + 1,): global index of each batch's first sample; starts[K] = total."""
+    draws: np.ndarray
+    """int64 (K + 1, sources): draws of each source before batch k."""
+    group_of: np.ndarray
+    """int64 (sources,): index of each source's group in plan.groups."""
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.starts) - 1
+
+    def batch_of(self, index: int) -> int:
+        return int(np.searchsorted(self.starts, index, side="right") - 1)
+
+
+def make_schedule(plan, batch_size: int) -> Schedule:
+    """The per-batch source counts of `plan` for global batches of `batch_size`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
+        raise ValueError(f"global_batch_size: expected a positive integer, got {batch_size!r}")
+    groups = [g for g, _ in plan.groups]
+    per_group = group_schedule([c for _, c in plan.groups], int(batch_size))
+    per_source = np.zeros((per_group.shape[0], len(plan.sources)), dtype=np.int64)
+    for gi, g in enumerate(groups):
+        members = [i for i, s in enumerate(plan.sources) if s.group == g]
+        per_source[:, members] = split_schedule([plan.sources[i].count for i in members], per_group[:, gi])
+    draws = np.zeros((per_source.shape[0] + 1, per_source.shape[1]), dtype=np.int64)
+    np.cumsum(per_source, axis=0, out=draws[1:])
+    starts = draws.sum(axis=1)
+    group_of = np.array([groups.index(s.group) for s in plan.sources], dtype=np.int64)
+    return Schedule(batch_size=int(batch_size), starts=starts, draws=draws, group_of=group_of)
+
+
+@functools.lru_cache(maxsize=16)
+def _permutation(seed: int, name: str, epoch: int, size: int) -> np.ndarray:
+    # crc32 of the name, not Python's hash(): stable across processes and runs.
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _PURPOSE_SOURCE, zlib.crc32(name.encode()), epoch]))
+    perm = rng.permutation(size)
+    perm.flags.writeable = False
+    return perm
+
+
+def source_items(seed: int, name: str, size: int, draws: np.ndarray) -> np.ndarray:
+    """Eligible-sample numbers of draws `draws` (j = 0, 1, ...) from source `name` of `size` samples."""
+    draws = np.asarray(draws, dtype=np.int64)
+    out = np.empty_like(draws)
+    epochs = draws // size
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = _permutation(seed, name, int(e), size)[draws[sel] - e * size]
+    return out
+
+
+def batch_slots(plan, schedule: Schedule, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, draw number) of every sample of global batch k, in global order."""
+    lo, hi = schedule.draws[k], schedule.draws[k + 1]
+    src = np.repeat(np.arange(len(plan.sources)), hi - lo)
+    draw = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)]) if len(src) else src
+    order = np.random.default_rng(np.random.SeedSequence([plan.seed, _PURPOSE_BATCH, k])).permutation(len(src))
+    return src[order], draw[order]
+
+
+def locate(plan, sources: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, position) of each (source index, draw number) pair."""
+    shards = np.empty(len(sources), dtype=np.int64)
+    positions = np.empty(len(sources), dtype=np.int64)
+    for s in np.unique(sources):
+        sel = sources == s
+        sp = plan.sources[int(s)]
+        items = source_items(plan.seed, sp.name, sp.catalog.size, draws[sel])
+        shards[sel], positions[sel] = sp.catalog.locate(items)
+    return shards, positions
+
+
+def sample_at(plan, schedule: Schedule, index: int) -> tuple[str, int, int]:
+    """(source name, shard, position) of global sample `index`: the sampler as one pure call."""
+    if not 0 <= index < schedule.starts[-1]:
+        raise IndexError(f"sample index {index} outside the run's {int(schedule.starts[-1])} samples")
+    k = schedule.batch_of(index)
+    src, draw = batch_slots(plan, schedule, k)
+    i = index - int(schedule.starts[k])
+    shard, pos = locate(plan, src[i:i + 1], draw[i:i + 1])
+    return plan.sources[int(src[i])].name, int(shard[0]), int(pos[0])

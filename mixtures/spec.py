@@ -1,0 +1,204 @@
+"""The mixture spec: YAML -> frozen, validated dataclasses.
+
+A spec names sources (a dataset folder, an optional `kind` filter, a group), the amount
+per group (exact counts, or weights with a total), how each group splits among its
+sources, a seed, the repetition policy and the token-cache fingerprint. Example:
+
+    include: base.yaml            # optional: this file's keys override the included file's
+    seed: 0
+    repetition: error             # error | allow
+    cache: 3f2a9c1e0b7d4a55       # token-cache fingerprint (vpit precompute prints it)
+    sources:
+      vqa:   {path: ../data/vqa, group: understanding}
+      pairs: {path: ../data/pairs, group: generation, kind: generation}
+    groups:
+      understanding: 7M           # shorthand for {count: 7M}
+      generation: {count: 200k, split: equal}
+
+The YAML -> dataclass step is our own small checker rather than a schema library: it
+needs to name the YAML path of every problem (`groups.generation.count: ...`), collect
+all of them at once, and understand count suffixes and includes, which is most of the code
+either way. Problems raise `ValueError` listing every bad field and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from pipelines.sample import KINDS
+
+__all__ = ["REPETITION", "SPLITS", "GroupSpec", "MixtureSpec", "SourceSpec", "parse_count"]
+
+SPLITS = ("proportional", "equal", "explicit")
+REPETITION = ("error", "allow")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMB]?)\s*$")
+_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9}
+
+
+def parse_count(value: Any, where: str) -> int:
+    """A positive sample count: 200000, "200k", "7M", "1.5B" (k = 1e3, M = 1e6, B = 1e9)."""
+    hint = "a positive count like 200000, 200k, 7M or 1.5B"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{where}: expected {hint}, got {value!r}")
+    if isinstance(value, str):
+        m = _COUNT.match(value)
+        if not m:
+            raise ValueError(f"{where}: expected {hint}, got {value!r}")
+        try:
+            exact = Decimal(m.group(1)) * _SUFFIX[m.group(2)]
+        except InvalidOperation:
+            raise ValueError(f"{where}: expected {hint}, got {value!r}") from None
+    else:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: expected {hint}, got {value!r}")
+        exact = Decimal(value)
+    if exact != exact.to_integral_value():
+        raise ValueError(f"{where}: {value!r} is not a whole number of samples")
+    if exact <= 0:
+        raise ValueError(f"{where}: must be > 0, got {value!r}; remove the group or give it a positive count")
+    return int(exact)
+
+
+def _check_name(name: str, where: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{where}: name {name!r} must be letters, digits, '_' or '-' (no dots: names appear in "
+                         "dotted override paths)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SourceSpec:
+    """One named source: samples of a dataset folder, optionally only those of one kind."""
+
+    name: str
+    """Unique source name; appears in reports, plan tables and dotted overrides."""
+    path: Path
+    """Dataset folder (holds manifest.json); relative paths in YAML are relative to the YAML file."""
+    group: str
+    """The group this source's samples count towards (e.g. understanding, generation)."""
+    kind: str | None = None
+    """Keep only samples of this kind (one of pipelines.sample.KINDS); None keeps every sample."""
+
+    def __post_init__(self):
+        _check_name(self.name, f"sources.{self.name}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"sources.{self.name}.kind: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GroupSpec:
+    """A group's amount (an exact count or a weight of the total) and how it splits among sources."""
+
+    name: str
+    """Group name, referenced by sources' `group`."""
+    count: int | None = None
+    """Exact number of samples over the run (give count or weight, not both)."""
+    weight: float | None = None
+    """Relative weight; the spec's `total` is split among groups by weight."""
+    split: str = "proportional"
+    """How the amount splits among this group's sources: proportional (to size), equal, explicit."""
+    shares: tuple[tuple[str, float], ...] = ()
+    """For split explicit: (source, relative weight) for every source of the group."""
+
+    def __post_init__(self):
+        where = f"groups.{self.name}"
+        _check_name(self.name, where)
+        if (self.count is None) == (self.weight is None):
+            raise ValueError(f"{where}: give exactly one of count or weight (got "
+                             f"{'both' if self.count is not None else 'neither'})")
+        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int)
+                                       or self.count <= 0):
+            raise ValueError(f"{where}.count: must be a positive integer, got {self.count!r}")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"{where}.weight: must be > 0, got {self.weight!r}; remove the group instead of a zero weight")
+        if self.split not in SPLITS:
+            raise ValueError(f"{where}.split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
+        if (self.split == "explicit") != bool(self.shares):
+            raise ValueError(f"{where}.split: explicit splits need shares (write split as a mapping "
+                             "{source: weight}) and only they take shares")
+        for src, w in self.shares:
+            if not (math.isfinite(w) and w > 0):
+                raise ValueError(f"{where}.split.{src}: share must be > 0, got {w!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MixtureSpec:
+    """A whole mixture. Cross-field problems are collected and raised together."""
+
+    sources: tuple[SourceSpec, ...]
+    """The named sources, in spec order."""
+    groups: tuple[GroupSpec, ...]
+    """The groups and their amounts, in spec order."""
+    seed: int = 0
+    """Seed of every permutation and shuffle; the stream is a pure function of plan and seed."""
+    repetition: str = "error"
+    """error: an amount above what exists is an error; allow: repeat as few times as possible."""
+    cache: str | None = None
+    """Token-cache fingerprint the stream reads visual tokens from; None: no tokens."""
+    total: int | None = None
+    """Total samples when groups give weights; must be absent when groups give counts."""
+    origin: str = "<spec>"
+    """The YAML file the spec came from (messages only; not part of the plan hash)."""
+
+    def __post_init__(self):
+        problems = []
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            problems.append(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if self.repetition not in REPETITION:
+            problems.append(f"repetition: expected one of {', '.join(REPETITION)}, got {self.repetition!r}")
+        if self.cache is not None and (not isinstance(self.cache, str) or not self.cache):
+            problems.append(f"cache: expected a token-cache fingerprint string, got {self.cache!r}")
+        if not self.sources:
+            problems.append("sources: the spec names no source; add at least one under sources:")
+        if not self.groups:
+            problems.append("groups: the spec names no group; add e.g. groups: {understanding: 1M}")
+        names = [s.name for s in self.sources]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"sources.{dup}: defined twice")
+        groups = {g.name: g for g in self.groups}
+        for s in self.sources:
+            if s.group not in groups:
+                problems.append(f"sources.{s.name}.group: unknown group {s.group!r}; declare it under groups: "
+                                f"(known: {', '.join(groups) or 'none'})")
+        for g in self.groups:
+            members = [s.name for s in self.sources if s.group == g.name]
+            if not members:
+                problems.append(f"groups.{g.name}: no source belongs to this group; add a source with "
+                                f"group: {g.name} or remove the group")
+            for src, _ in g.shares:
+                if src not in members:
+                    problems.append(f"groups.{g.name}.split.{src}: unknown source {src!r} for this group "
+                                    f"(its sources: {', '.join(members) or 'none'})")
+            missing = [m for m in members if g.shares and m not in dict(g.shares)]
+            if missing:
+                problems.append(f"groups.{g.name}.split: explicit split lacks a share for {', '.join(missing)}")
+        modes = {"count" if g.count is not None else "weight" for g in self.groups}
+        if len(modes) > 1:
+            problems.append("groups: mix of count and weight; give every group a count, or every group a weight "
+                            "plus a total")
+        elif modes == {"weight"} and self.total is None:
+            problems.append("total: groups give weights but the spec has no total; add e.g. total: 1M, or give "
+                            "each group a count instead")
+        elif modes == {"count"} and self.total is not None:
+            problems.append("total: only allowed with weights; with counts the total is their sum, remove total")
+        if problems:
+            raise ValueError(f"invalid mixture spec {self.origin}:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain YAML-able values (paths absolute, shorthands expanded)."""
+        out: dict[str, Any] = {"seed": self.seed, "repetition": self.repetition, "cache": self.cache}
+        if self.total is not None:
+            out["total"] = self.total
+        out["sources"] = {s.name: {"path": str(s.path), "group": s.group, **({"kind": s.kind} if s.kind else {})}
+                          for s in self.sources}
+        out["groups"] = {}
+        for g in self.groups:
+            entry: dict[str, Any] = {"count": g.count} if g.count is not None else {"weight": g.weight}
+            entry["split"] = dict(g.shares) if g.shares else g.split
+            out["groups"][g.name] = entry
+        return out

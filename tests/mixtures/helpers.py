@@ -1,0 +1,65 @@
+"""Small real datasets for mixture tests: shards written by the shard store, with a manifest.
+
+Written with `pipelines.shards.write_shard` directly (not a Ray ingest) so a test can ask
+for exact kinds per shard, e.g. a shard that mixes understanding and generation samples.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.sample import Sample, image_entry
+from pipelines.shapes_world import caption, encode_image, random_scene, render
+from pipelines.shards import FORMAT_VERSION, save_json_atomic, write_shard
+
+
+def _sample(source: str, i: int, kind: str, rng: np.random.Generator) -> Sample:
+    scene = random_scene(rng)
+    text = caption(scene)
+    images: list[bytes] = []
+    if kind == "text":
+        messages = [{"role": "user", "content": [{"text": f"Describe: {text}"}]},
+                    {"role": "assistant", "content": [{"text": text}]}]
+    else:
+        images = [encode_image(render(scene, 16))]
+        if kind == "generation":
+            messages = [{"role": "user", "content": [{"text": f"Generate an image of {text}"}]},
+                        {"role": "assistant", "content": [{"text": "Here is an image:"}, {"image": 0}]}]
+        else:
+            messages = [{"role": "user", "content": [{"image": 0}, {"text": "What is in the picture?"}]},
+                        {"role": "assistant", "content": [{"text": text}]}]
+    record = {"id": f"{source}:{i:06d}", "source": source, "kind": kind, "messages": messages,
+              "images": [image_entry(j, d, "test", 10**6) for j, d in enumerate(images)],
+              "origin": {"uri": "generated", "line": i}}
+    return Sample(record=record, images=images)
+
+
+def make_dataset(root: Path, source: str, shards: list[list[str]], seed: int = 0) -> Path:
+    """A dataset at `root` whose shard i holds samples of the kinds `shards[i]`, in that order."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    entries, n = [], 0
+    for s, kinds in enumerate(shards):
+        samples = []
+        for kind in kinds:
+            samples.append((f"{n:09d}", _sample(source, n, kind, rng)))
+            n += 1
+        idx = write_shard(root, s, samples)
+        entries.append({"name": idx["shard"], "shard": s, "samples": len(idx["samples"]), "kinds": idx["kinds"],
+                        "tar_bytes": idx["tar_bytes"], "tar_sha256": idx["tar_sha256"], "quarantined": {},
+                        "records": len(kinds)})
+    kinds = Counter(k for ks in shards for k in ks)
+    save_json_atomic(root / "manifest.json", {
+        "format": "vpit-shards", "format_version": FORMAT_VERSION, "config": {"test": source}, "config_hash": source,
+        "shards_planned": len(shards), "complete": True, "samples": n, "kinds": dict(sorted(kinds.items())),
+        "quarantined": {}, "shards": entries,
+    })
+    return root
+
+
+def write_spec(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
