@@ -167,10 +167,13 @@ class LlavaAdapter(Adapter):
         origin = dict(rec.origin)
         if "id" in record:
             origin["record_id"] = str(record["id"])
+        # An <image> in an assistant turn is a prediction target: reasoning text then an image is
+        # MetaMorph's "visual thinking" ("the animal with 2+7 lives" -> a cat).
+        thinking = any("image" in part for m in messages if m["role"] == "assistant" for part in m["content"])
         out = {
             "id": f"{cfg.source}:{rec.index:09d}",
             "source": cfg.source,
-            "kind": kind_if_images if images else "text",
+            "kind": ("thinking" if thinking else kind_if_images) if images else "text",
             "messages": messages,
             "images": entries,
             "origin": origin,

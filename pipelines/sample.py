@@ -43,7 +43,9 @@ REASONS = {
     "one_sided_conversation": "the conversation lacks a user or an assistant turn",
     "unknown_role": "a turn's role is not one of the known roles",
     "download_failed": "the image could not be downloaded",
+    "download_disallowed": "the server opted the image out of AI use (X-Robots-Tag, img2dataset's disallowed_header_directives)",
     "unreadable_video": "the video cannot be decoded",
+    "missing_video": "a video file or frame folder does not exist",
     "too_few_frames": "the clip has fewer frames than the sample needs",
     "identical_images": "source and target images are identical",
 }

@@ -197,3 +197,287 @@ def write_bad_llava_records(out: Path, size: int = 64, bomb_side: int = 3000) ->
         b'{"id": "bad-9", "conversations": [{"from": "human", "value": "caf\xe9?"}, {"from": "gpt", "value": "yes"}]}',
         rec(10, "../outside.png", qa),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw corpora for the other source kinds: image-text pairs behind a localhost HTTP server,
+# clips of a moving shape (video files and frame folders), and editing triplets.
+# ---------------------------------------------------------------------------------------------
+
+import base64  # noqa: E402 - kept with the section that needs them
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+# One URL per bad case that the pairs ingest must quarantine, with its reason code, in order:
+# a 404, an image served with `X-Robots-Tag: noai`, an HTML page, a truncated PNG, an empty caption.
+BAD_PAIR_CASES = ("download_failed", "download_disallowed", "unreadable_image", "unreadable_image", "missing_field")
+
+
+class _ShapesHandler(SimpleHTTPRequestHandler):
+    delay_s = 0.0
+
+    def log_message(self, format, *args):  # noqa: A002 - keep test output clean
+        pass
+
+    def end_headers(self):
+        if "/noai-" in self.path:  # the opt-out header img2dataset honours by default
+            self.send_header("X-Robots-Tag", "noai")
+        super().end_headers()
+
+    def do_GET(self):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def serve_http(root: Path, delay_s: float = 0.0):
+    """Serve `root` on 127.0.0.1 (a free port) from a thread; yield the base URL.
+
+    Files under a name starting with `noai-` are sent with `X-Robots-Tag: noai`; `delay_s`
+    slows every response (for kill-while-downloading tests).
+    """
+    handler_cls = type("Handler", (_ShapesHandler,), {"delay_s": delay_s})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler_cls, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def write_pairs(out: Path, n: int, base_url: str, seed: int = 0, size: int = 64, fmt: str = "parquet",
+                bad: bool = True) -> dict[str, Any]:
+    """Write `n` captioned images under `out/www` and a URL list (`out/urls.parquet` or `.csv`)
+    pointing at `base_url` (serve `out/www` there). With `bad`, one URL per `BAD_PAIR_CASES`
+    follows the good ones. Returns {"url_list", "www", "captions", "urls"}."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    www = out / "www"
+    (www / "img").mkdir(parents=True, exist_ok=True)
+    urls, captions = [], []
+    for i in range(n):
+        scene = random_scene(rng)
+        ext, fmt_img = ("jpg", "JPEG") if i % 2 else ("png", "PNG")
+        (www / "img" / f"{i:06d}.{ext}").write_bytes(encode_image(render(scene, size), fmt_img))
+        urls.append(f"{base_url}/img/{i:06d}.{ext}")
+        captions.append(caption(scene))
+    if bad:
+        good = encode_image(render(Scene("white", (("circle", "red", "top left"),)), size))
+        (www / "img" / "noai-000.png").write_bytes(good)
+        (www / "page.html").write_text("<html><body>not an image</body></html>")
+        (www / "img" / "truncated.png").write_bytes(good[: len(good) // 2])
+        (www / "img" / "ok.png").write_bytes(good)
+        urls += [f"{base_url}/img/missing.png", f"{base_url}/img/noai-000.png", f"{base_url}/page.html",
+                 f"{base_url}/img/truncated.png", f"{base_url}/img/ok.png"]
+        captions += ["a red circle", "a red circle", "a red circle", "a red circle", "  "]
+    table = pa.table({"url": urls, "caption": captions})
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        path = out / "urls.parquet"
+        pq.write_table(table, path)
+    elif fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        path = out / "urls.csv"
+        pcsv.write_csv(table, path)
+    else:
+        raise ValueError(f"fmt: expected 'parquet' or 'csv', got {fmt!r}")
+    return {"url_list": path, "www": www, "captions": captions[:n], "urls": urls}
+
+
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+
+
+def moving_shape_frames(rng: np.random.Generator, frames: int, size: int) -> tuple[list[Image.Image], dict[str, str]]:
+    """A shape crossing a plain background in one direction, one step per frame."""
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    color = list(COLORS)[int(rng.integers(len(COLORS)))]
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
+    dx, dy = DIRECTIONS[direction]
+    r = max(3, size // 6)
+    other = int(rng.integers(r, size - r))  # the fixed coordinate
+    travel = np.linspace(r, size - r - 1, frames)
+    if dx < 0 or dy < 0:
+        travel = travel[::-1]
+    images = []
+    for t in range(frames):
+        cx, cy = (travel[t], other) if dx else (other, travel[t])
+        img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+        draw = ImageDraw.Draw(img)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLORS[color])
+        else:
+            draw.polygon([(box[0], box[3]), (box[2], box[3]), (cx, box[1])], fill=COLORS[color])
+        images.append(img)
+    return images, {"shape": shape, "color": color, "background": background, "direction": direction}
+
+
+def write_video(path: Path, images: list[Image.Image], fps: int = 8, codec: str = "libx264") -> None:
+    """Encode frames with PyAV. `codec="ffv1"` (in .mkv) is lossless: decoded frames equal the input."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = images[0].size
+        stream.pix_fmt = {"ffv1": "bgr0", "png": "rgb24"}.get(codec, "yuv420p")
+        for img in images:
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_clips(out: Path, n: int, seed: int = 0, frames: int = 12, size: int = 32, codec: str = "libx264",
+                ext: str = "mp4", as_folders: bool = False) -> list[dict[str, Any]]:
+    """Write `n` clips of a moving shape under `out` (video files, or folders of PNG frames with
+    `as_folders`). Returns one dict per clip: path, shape, color, background, direction, frames."""
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for i in range(n):
+        images, meta = moving_shape_frames(rng, frames, size)
+        if as_folders:
+            path = out / f"clip-{i:04d}"
+            path.mkdir(exist_ok=True)
+            for t, img in enumerate(images):
+                (path / f"{t:06d}.png").write_bytes(encode_image(img))
+        else:
+            path = out / f"clip-{i:04d}.{ext}"
+            write_video(path, images, codec=codec)
+        clips.append(dict(meta, path=path, frames=frames))
+    return clips
+
+
+# One clip per bad case that the video ingest must quarantine, in the order `write_bad_clips` writes them.
+BAD_CLIP_CASES = ("unreadable_video", "too_few_frames", "too_few_frames", "unreadable_image")
+
+
+def write_bad_clips(out: Path, size: int = 32) -> list[Path]:
+    """Garbage bytes named .mp4, a 2-frame clip, an empty frame folder, a folder with a corrupt frame."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(12345)
+    garbage = out / "zz-bad-garbage.mp4"
+    garbage.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video at all" * 4)
+    short = out / "zz-bad-short.mp4"
+    write_video(short, moving_shape_frames(rng, 2, size)[0])
+    empty = out / "zz-bad-empty"
+    empty.mkdir(exist_ok=True)
+    corrupt = out / "zz-bad-corrupt"
+    corrupt.mkdir(exist_ok=True)
+    for t, img in enumerate(moving_shape_frames(rng, 12, size)[0]):
+        data = encode_image(img)
+        (corrupt / f"{t:06d}.png").write_bytes(data[: len(data) // 3] if t == 2 else data)
+    return [garbage, short, empty, corrupt]
+
+
+def write_videoqa_records(out: Path, clips: list[dict[str, Any]], video_root: Path) -> Path:
+    """LLaVA-format records with a `video` field (paths relative to `video_root`), one
+    question per clip with a single right answer: the direction of motion."""
+    lines = []
+    for i, clip in enumerate(clips):
+        rel = Path(clip["path"]).relative_to(video_root).as_posix()
+        lines.append(json.dumps({
+            "id": f"videoqa-{i:05d}", "video": rel,
+            "conversations": [
+                {"from": "human", "value": f"<video>\nWhich way does the {clip['color']} {clip['shape']} move?"},
+                {"from": "gpt", "value": clip["direction"]},
+            ],
+        }))
+    path = Path(out) / "videoqa.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# One triplet per bad case that the editing ingest must quarantine, in order.
+BAD_EDIT_CASES = ("missing_field", "missing_image", "identical_images")
+
+
+def random_edit(rng: np.random.Generator, scene: Scene) -> tuple[str, Scene]:
+    """A recolour or a move of one shape of `scene`, as (instruction, edited scene)."""
+    k = int(rng.integers(len(scene.shapes)))
+    shape, color, quadrant = scene.shapes[k]
+    if rng.random() < 0.5:
+        free = [c for c in COLORS if c not in {s[1] for s in scene.shapes}]
+        new = free[int(rng.integers(len(free)))]
+        edited = (shape, new, quadrant)
+        instruction = f"make the {color} {shape} {new}"
+    else:
+        free = [q for q in QUADRANTS if q not in {s[2] for s in scene.shapes}]
+        new = free[int(rng.integers(len(free)))]
+        edited = (shape, color, new)
+        instruction = f"move the {color} {shape} to the {new}"
+    shapes = tuple(edited if j == k else s for j, s in enumerate(scene.shapes))
+    return instruction, Scene(scene.background, shapes)
+
+
+def write_edit_triplets(out: Path, n: int, seed: int = 0, size: int = 64, layout: str = "generic",
+                        fmt: str = "jsonl", bad: bool = True) -> dict[str, Any]:
+    """Write `n` editing triplets (recolour/move edits) plus, with `bad`, one per `BAD_EDIT_CASES`.
+
+    `generic` stores image paths relative to `out`; `instructpix2pix` and `magicbrush` store the
+    images inline as {"bytes", "path"} structs (base64 bytes in JSONL), like their HF datasets.
+    Returns {"path", "image_root", "instructions"}.
+    """
+    from pipelines.editing import LAYOUTS
+
+    src_f, ins_f, tgt_f = LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    inline = layout != "generic"
+
+    def image(name: str, scene: Scene) -> Any:
+        data = encode_image(render(scene, size))
+        if not inline:
+            (out / "images" / name).write_bytes(data)
+            return f"images/{name}"
+        return {"bytes": data if fmt == "parquet" else base64.b64encode(data).decode(), "path": name}
+
+    rows, instructions = [], []
+    for i in range(n):
+        scene = random_scene(rng, max_shapes=2)
+        instruction, edited = random_edit(rng, scene)
+        rows.append({"id": f"edit-{i:05d}", src_f: image(f"{i:05d}-src.png", scene), ins_f: instruction,
+                     tgt_f: image(f"{i:05d}-tgt.png", edited)})
+        instructions.append(instruction)
+    if bad:
+        scene = Scene("white", (("circle", "red", "top left"),))
+        rows.append({"id": "bad-0", src_f: None, ins_f: "make the red circle blue", tgt_f: image("b0-tgt.png", scene)})
+        missing = "images/does-not-exist.png" if not inline else {"bytes": None, "path": "does-not-exist.png"}
+        rows.append({"id": "bad-1", src_f: image("b1-src.png", scene), ins_f: "make the red circle blue", tgt_f: missing})
+        rows.append({"id": "bad-2", src_f: image("b2-src.png", scene), ins_f: "make the red circle red",
+                     tgt_f: image("b2-tgt.png", scene)})
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = out / "edits.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path = out / "edits.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"path": path, "image_root": out, "instructions": instructions}
+
+
+__all__ += [
+    "BAD_CLIP_CASES", "BAD_EDIT_CASES", "BAD_PAIR_CASES", "DIRECTIONS", "moving_shape_frames",
+    "random_edit", "serve_http", "write_bad_clips", "write_clips", "write_edit_triplets", "write_pairs",
+    "write_video", "write_videoqa_records",
+]
