@@ -63,3 +63,26 @@ def make_dataset(root: Path, source: str, shards: list[list[str]], seed: int = 0
 def write_spec(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def fake_plan(groups: dict[str, list[tuple[str, int, int]]], seed: int = 0, shard_size: int = 7):
+    """A Plan over imaginary sources: {group: [(source, size, count), ...]}. The sampler's pure
+    functions need only sizes and counts, so property tests can use large sizes for free."""
+    from mixtures.catalog import Catalog
+    from mixtures.plan import Plan, SourcePlan
+    from mixtures.spec import GroupSpec, MixtureSpec, SourceSpec
+
+    specs, plans = [], []
+    for g, members in groups.items():
+        for name, size, count in members:
+            specs.append(SourceSpec(name=name, path=Path("/nonexistent") / name, group=g))
+            n_shards = -(-size // shard_size)
+            counts = [shard_size] * (size // shard_size) + ([size % shard_size] if size % shard_size else [])
+            cat = Catalog(root=Path("/nonexistent") / name, shard_names=tuple(f"s{i}" for i in range(n_shards)),
+                          offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), picks={},
+                          fingerprint=name, kinds={})
+            plans.append(SourcePlan(name=name, group=g, kind=None, catalog=cat, count=count, text_tokens=0, images=0))
+    gspecs = tuple(GroupSpec(name=g, count=sum(c for _, _, c in m)) for g, m in groups.items())
+    spec = MixtureSpec(sources=tuple(specs), groups=gspecs, seed=seed, repetition="allow")
+    return Plan(spec=spec, sources=tuple(plans), groups=tuple((g.name, g.count) for g in gspecs), m=64, dim=None,
+                hash=f"fake-{seed}")

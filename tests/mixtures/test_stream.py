@@ -1,0 +1,122 @@
+"""MixtureStream on real shards and real token caches: the same global sequence for any
+number of ranks and DataLoader workers, resume onto another world size, tokens from the cache."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from mixtures import MixtureStream, load_spec, make_plan
+from mixtures.sampler import make_schedule, sample_at
+from pipelines.token_cache import TokenCache
+from tests.mixtures.conftest import spec_text
+
+B = 8
+# 3 workers on this 2-core machine is on purpose: the worker count must not matter.
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+@pytest.fixture(scope="module")
+def plan(mix_data):
+    path = mix_data["root"] / "stream.yaml"
+    path.write_text(spec_text(mix_data["fingerprint"], und=30, gen=30, edit=12, seed=7, repetition="allow"))
+    return make_plan(load_spec(path))
+
+
+def _steps(plan, world_size: int, workers: int, state: dict | None = None) -> list[list[dict]]:
+    """Global batches as the ranks see them: each step's rank slices concatenated in rank order."""
+    per_rank = []
+    for rank in range(world_size):
+        stream = MixtureStream(plan, global_batch_size=B, rank=rank, world_size=world_size)
+        if state is not None:
+            stream.load_state_dict(state)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda b: b)
+        per_rank.append(list(loader))
+    assert len({len(r) for r in per_rank}) == 1
+    return [sum((r[k] for r in per_rank), []) for k in range(len(per_rank[0]))]
+
+
+def _ids(steps):
+    return [[(it["index"], it["id"]) for it in step] for step in steps]
+
+
+def test_items_carry_record_and_cached_tokens(plan, mix_data):
+    steps = _steps(plan, 1, 0)
+    caches = {s.name: TokenCache(s.catalog.root, mix_data["fingerprint"]) for s in plan.sources}
+    assert [it["index"] for step in steps for it in step] == list(range(plan.total))
+    for item in (it for step in steps for it in step):
+        rec = item["record"]
+        assert item["id"] == rec["id"] and item["group"] == next(s.group for s in plan.sources
+                                                                   if s.name == item["source"])
+        tok = item["tokens"]
+        assert tok.dtype == np.float32 and tok.shape == (len(rec["images"]), 4, caches[item["source"]].dim)
+    # the tokens are the cache's own rows for the sample the pure sampler names at that index
+    schedule = make_schedule(plan, B)
+    for item in (steps[1][3], steps[-1][0]):
+        name, shard, pos = sample_at(plan, schedule, item["index"])
+        assert name == item["source"]
+        np.testing.assert_array_equal(item["tokens"], caches[name].tokens(shard, pos))
+    assert any(len(it["tokens"]) == 0 for step in steps for it in step)  # text-only samples: (0, m, d)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_same_global_sequence_for_any_ranks_and_workers(plan, world_size, workers):
+    reference = _ids(_steps(plan, 1, 0))
+    assert _ids(_steps(plan, world_size, workers)) == reference
+    flat = [i for step in reference for i in step]
+    assert len({i for i, _ in flat}) == plan.total  # every global index once: no duplicates, no loss
+
+
+def test_resume_at_random_step_onto_other_world_sizes(plan):
+    reference = _ids(_steps(plan, 1, 0))
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        k = int(rng.integers(1, len(reference)))
+        first = MixtureStream(plan, global_batch_size=B, rank=0, world_size=2)
+        it = iter(first)
+        for _ in range(k):
+            next(it)
+        it.close()
+        state = first.state_dict()
+        assert state["consumed"] == k * B and state["plan_hash"] == plan.hash
+        for world_size, workers in ((1, 0), (4, 3), (2, 1)):
+            assert _ids(_steps(plan, world_size, workers, state=dict(state))) == reference[k:]
+
+
+def test_loader_keeps_state_with_workers(plan):
+    stream = MixtureStream(plan, global_batch_size=B, rank=1, world_size=2)
+    got = []
+    for step, batch in enumerate(stream.loader(num_workers=2)):
+        got.append(batch)
+        if step == 4:
+            break
+    assert stream.state_dict()["consumed"] == 5 * B
+    resumed = MixtureStream(plan, global_batch_size=B, rank=1, world_size=2)
+    resumed.load_state_dict(stream.state_dict())
+    whole = list(MixtureStream(plan, global_batch_size=B, rank=1, world_size=2, with_tokens=False))
+    assert [[i["id"] for i in b] for b in resumed] == [[i["id"] for i in b] for b in whole[5:]]
+
+
+def test_load_state_dict_refuses_what_would_change_the_sequence(plan):
+    stream = MixtureStream(plan, global_batch_size=B)
+    with pytest.raises(ValueError, match="plan_hash: the checkpoint was made with plan abc"):
+        stream.load_state_dict({"consumed": 8, "plan_hash": "abc"})
+    with pytest.raises(ValueError, match="global_batch_size: the checkpoint used 16"):
+        stream.load_state_dict({"consumed": 16, "plan_hash": plan.hash, "global_batch_size": 16})
+    with pytest.raises(ValueError, match="consumed: 5 is not at a global batch boundary"):
+        stream.load_state_dict({"consumed": 5, "plan_hash": plan.hash})
+
+
+def test_no_tokens_without_a_cache(mix_data):
+    path = mix_data["root"] / "nocache.yaml"
+    path.write_text(spec_text(None))
+    plan = make_plan(load_spec(path))
+    with pytest.raises(ValueError, match="cache: .* names no token cache"):
+        MixtureStream(plan, global_batch_size=4)
+    items = [it for b in MixtureStream(plan, global_batch_size=4, with_tokens=False) for it in b]
+    assert "tokens" not in items[0] and Counter(it["group"] for it in items) == {"understanding": 30,
+                                                                                 "generation": 16, "editing": 6}
