@@ -1,0 +1,123 @@
+"""Build a VPiT model from a config, and save/load the exported Hugging Face folder.
+
+The LLM is either a tiny Llama built in code (tests, demo) or a local Hugging Face folder
+(production: Llama-3.1-8B). An exported folder is a plain Hugging Face model folder (loads
+with `AutoModelForCausalLM.from_pretrained`, safetensors) with the VPiT parts beside it:
+
+    config.json, model.safetensors, tokenizer files   the LLM, vocabulary incl. image delimiters
+    vpit.json                                         VPiTConfig (dims, delimiter ids, template)
+    projector.safetensors, vision_head.safetensors    the two MLPs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.chat_template import get_template
+from model.tokenizer import add_image_tokens, load_tokenizer
+from model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean
+
+__all__ = ["ModelConfig", "build_model", "load_exported", "save_exported", "tiny_llm_config"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    llm: str = "tiny"
+    """`tiny` (a small Llama built in code) or a local Hugging Face model folder."""
+    tokenizer: str | None = None
+    """`qwen2.5` (built in), or a local tokenizer folder; default: the LLM folder."""
+    chat_template: str = "llama3"
+    """Turn format: llama3 | chatml."""
+    vision_dim: int = 1152
+    """Width of a cached visual token; must match the token cache."""
+    num_visual_tokens: int = 64
+    """m, visual tokens per image; must match the token cache."""
+    vision_coef: float = 1.0
+    """Weight of the vision loss."""
+    hidden_size: int = 64
+    """tiny only: LLM width."""
+    num_layers: int = 2
+    """tiny only: decoder layers."""
+    num_heads: int = 4
+    """tiny only: attention heads."""
+    intermediate_size: int = 128
+    """tiny only: MLP width."""
+
+    def __post_init__(self):
+        get_template(self.chat_template)
+        if self.llm != "tiny" and not Path(self.llm).is_dir():
+            raise ValueError(f"model.llm: expected 'tiny' or a local model folder, got {self.llm!r}")
+        if self.llm == "tiny" and self.tokenizer is None:
+            raise ValueError("model.tokenizer: a tiny LLM needs a tokenizer ('qwen2.5' or a local folder)")
+        for name in ("vision_dim", "num_visual_tokens", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size: {self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+
+
+def tiny_llm_config(cfg: ModelConfig, vocab_size: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_heads, vocab_size=vocab_size, max_position_embeddings=8192,
+                       tie_word_embeddings=True, attn_implementation="sdpa")
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> tuple[VPiTModel, Any]:
+    """A fresh VPiT model (tiny: random init from the current torch seed) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm)
+    n_old = len(tokenizer)
+    start_id, end_id = add_image_tokens(tokenizer)
+    if cfg.llm == "tiny":
+        llm = AutoModelForCausalLM.from_config(tiny_llm_config(cfg, n_old), dtype=dtype)
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new = [i for i in (start_id, end_id) if i >= n_old]
+    if new:
+        init_new_embeddings_to_mean(llm, new, n_old, gather)
+    vcfg = VPiTConfig(vision_dim=cfg.vision_dim, num_visual_tokens=cfg.num_visual_tokens, image_start_id=start_id,
+                      image_end_id=end_id, vision_coef=cfg.vision_coef, chat_template=cfg.chat_template)
+    return VPiTModel(llm, vcfg).to(dtype), tokenizer
+
+
+def save_exported(model: VPiTModel, tokenizer: Any, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.llm.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    model.config.save(out / "vpit.json")
+    for name in ("projector", "vision_head"):
+        sd = {k: v.detach().contiguous().cpu() for k, v in getattr(model, name).state_dict().items()}
+        save_file(sd, str(out / f"{name}.safetensors"))
+    return out
+
+
+def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[VPiTModel, Any]:
+    """Load an exported folder (see module docstring) as a VPiTModel and its tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "vpit.json").is_file():
+        raise ValueError(f"{folder}: not an exported VPiT folder (no vpit.json); run `vpit export` first")
+    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = VPiTModel(llm, VPiTConfig.load(folder / "vpit.json"))
+    for name in ("projector", "vision_head"):
+        getattr(model, name).load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+    return model.to(dtype).eval(), AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,135 @@
+"""Generation: text, and when the model emits `<image_start>`, m visual tokens.
+
+Each visual token is predicted by the vision head (L2-normalised) and fed back through the
+input projector as the next input, exactly as cached tokens enter during training; after m
+tokens `<image_end>` is appended and text generation goes on. With `use_cache=True` every
+step runs one new position against the KV cache (transformers' DynamicCache); with
+`use_cache=False` the whole sequence is recomputed at every step, as MetaMorph's reference
+code does. Both give the same result; the cached one is O(n) instead of O(n^2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.chat_template import ImageTokens, encode_messages, get_template
+from model.vpit import VPiTModel
+
+__all__ = ["Generation", "encode_prompt", "generate", "render_generation", "save_images"]
+
+
+@dataclasses.dataclass
+class Generation:
+    token_ids: list[int]
+    """Generated ids; each image shows as <image_start>, m VISUAL_SLOT (-1) ids, <image_end>."""
+    images: list[np.ndarray]
+    """One (m, d) float32 array per generated image."""
+    text: str = ""
+
+
+class _Runner:
+    """Feeds embeddings to the decoder, incrementally (KV cache) or by recomputation."""
+
+    def __init__(self, model: VPiTModel, use_cache: bool):
+        from transformers import DynamicCache
+
+        self.model, self.use_cache = model, use_cache
+        self.cache = DynamicCache(config=model.llm.config) if use_cache else None
+        self.seen: list[torch.Tensor] = []
+
+    def feed(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Append (1, k, D) embeddings; return the last hidden state (1, D)."""
+        if self.use_cache:
+            out = self.model.hidden(embeds, past_key_values=self.cache, use_cache=True)
+        else:
+            self.seen.append(embeds)
+            out = self.model.hidden(torch.cat(self.seen, 1))
+        return out.last_hidden_state[:, -1]
+
+
+def encode_prompt(model: VPiTModel, tokenizer: Any, messages: list[dict[str, Any]],
+                  input_tokens: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user conversation (sample format) -> (input ids (1, T), visual tokens (slots, d))."""
+    cfg = model.config
+    image = ImageTokens(cfg.image_start_id, cfg.image_end_id, cfg.num_visual_tokens)
+    enc = encode_messages(messages, tokenizer, get_template(cfg.chat_template), image, add_generation_prompt=True)
+    if enc.images:
+        if input_tokens is None:
+            raise ValueError("the prompt names an image but no input tokens were given")
+        visual = np.asarray(input_tokens, np.float32)[enc.images].reshape(-1, cfg.vision_dim)
+    else:
+        visual = np.zeros((0, cfg.vision_dim), np.float32)
+    return torch.from_numpy(enc.input_ids)[None], torch.from_numpy(visual)
+
+
+@torch.no_grad()
+def generate(model: VPiTModel, input_ids: torch.Tensor, visual_tokens: torch.Tensor, max_new_tokens: int = 128,
+             stop_ids: tuple[int, ...] = (), use_cache: bool = True, force_image: bool = False) -> Generation:
+    """Greedy generation from a prompt of ids (1, T) and its input visual tokens.
+
+    `force_image` starts an image right away (as if the model had emitted <image_start>): the
+    way to ask for exactly one image, and what the generation tests and benchmark measure.
+    """
+    cfg = model.config
+    dev = next(model.parameters()).device
+    embed_tok = model.llm.get_input_embeddings()
+    run = _Runner(model, use_cache)
+    h = run.feed(model.embed(input_ids.to(dev), visual_tokens.to(dev)))
+    ids: list[int] = []
+    images: list[np.ndarray] = []
+    pending: int | None = cfg.image_start_id if force_image else None
+    while len(ids) < max_new_tokens:
+        nxt = pending if pending is not None else int(model.logits(h).argmax(-1))
+        pending = None
+        ids.append(nxt)
+        if nxt in stop_ids:
+            break
+        h = run.feed(embed_tok(torch.tensor([[nxt]], device=dev)))
+        if nxt != cfg.image_start_id:
+            continue
+        preds = []
+        for _ in range(cfg.num_visual_tokens):
+            pred = model.predict_visual(h)  # (1, d), normalised like the cached tokens
+            preds.append(pred)
+            h = run.feed(model.projector(pred.to(h.dtype))[:, None])
+        images.append(torch.cat(preds).float().cpu().numpy())
+        ids += [-1] * cfg.num_visual_tokens
+        pending = cfg.image_end_id
+    return Generation(token_ids=ids, images=images)
+
+
+def save_images(gen: Generation, out_dir: str | Path, stem: str = "image") -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(gen.images):
+        paths.append(out / f"{stem}-{i}.npy")
+        np.save(paths[-1], arr)
+    return paths
+
+
+def render_generation(gen: Generation, tokenizer: Any, paths: list[Path] | None = None) -> str:
+    """The generated text with each image shown as [image i: m x d -> path]."""
+    out, text, k = [], [], 0
+    ids = gen.token_ids
+    i = 0
+    while i < len(ids):
+        if ids[i] == -1:
+            out.append(tokenizer.decode(text))
+            text = []
+            n = 0
+            while i < len(ids) and ids[i] == -1:
+                i, n = i + 1, n + 1
+            where = f" -> {paths[k]}" if paths and k < len(paths) else ""
+            out.append(f"[image {k}: {n} x {gen.images[k].shape[-1]} tokens{where}]")
+            k += 1
+            continue
+        text.append(ids[i])
+        i += 1
+    out.append(tokenizer.decode(text))
+    return "".join(out)
