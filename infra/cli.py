@@ -47,18 +47,24 @@ def _build_ingest(p: argparse.ArgumentParser) -> None:
     llava.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024,
                        help="quarantine images with more pixels (default: 64Mi)")
     _add_ray(llava)
+    from infra.ingest_cli import add_parsers  # pairs, video, editing
+
+    add_parsers(sub, _add_ray)
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
+    from infra import ingest_cli
     from pipelines.ingest import run_ingest
     from pipelines.llava import LlavaAdapter, LlavaConfig
 
-    if args.source_kind == "llava":
+    if args.source_kind in ingest_cli.KINDS:
+        report = ingest_cli.run(args)
+    else:
         adapter = LlavaAdapter(LlavaConfig(
             input=os.path.abspath(args.input), image_root=os.path.abspath(args.image_root), source=args.source,
             shard_size=args.shard_size, max_pixels=args.max_pixels,
         ))
-    report = run_ingest(adapter, args.output, workers=args.workers, ray_address=args.ray_address)
+        report = run_ingest(adapter, args.output, workers=args.workers, ray_address=args.ray_address)
     if report.shards_written == 0:
         print(f"nothing to do: all {report.shards_total} shards of {report.output} are already complete")
     print(report.summary())
@@ -133,11 +139,87 @@ def cmd_precompute(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def _build_train(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Train a VPiT model (an LLM + input projector + vision head) with DeepSpeed ZeRO-3 on the mixture a "
+        "training YAML names (see README, 'Train'). Run directly for one process, or launch several with "
+        "`torchrun --nproc_per_node N -m infra.cli train CONFIG` or `deepspeed --module infra.cli train CONFIG`. "
+        "bf16 on GPU, fp32 on CPU (gloo). Writes checkpoints, metrics.jsonl and loss.png under output_dir."
+    )
+    p.add_argument("config", help="training YAML (model, data, batch sizes, steps, lr, ...)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue output_dir from its latest complete checkpoint (same samples, same losses)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, dotted, value parsed as YAML (e.g. --set data.max_len=512)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import yaml
+
+    from train.config import load_train_config
+    from train.trainer import Trainer
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    summary = Trainer(load_train_config(args.config, overrides)).train(resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        first, last = summary["first"] or {}, summary["last"] or {}
+        print(f"trained {summary['steps']} steps (global batch {summary['global_batch']}, lr {summary['lr']:.3g}): "
+              f"text loss {first.get('text_loss', float('nan')):.3f} -> {last.get('text_loss', float('nan')):.3f}, "
+              f"vision loss {first.get('vision_loss', float('nan')):.3f} -> {last.get('vision_loss', float('nan')):.3f}"
+              f"\nloss curve: {summary['loss_png']}")
+
+
+def _build_export(p: argparse.ArgumentParser) -> None:
+    p.description = ("Merge a ZeRO-3 checkpoint into a Hugging Face folder: the LLM as safetensors (loads with "
+                     "AutoModelForCausalLM.from_pretrained), the tokenizer, and projector/vision head beside it.")
+    p.add_argument("checkpoint", help="a run folder (its latest complete checkpoint) or a checkpoint folder")
+    p.add_argument("--output", "-o", required=True, help="folder to write")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from train.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output)
+    print(f"exported to {out}: " + ", ".join(sorted(f.name for f in out.iterdir())))
+
+
+def _build_generate(p: argparse.ArgumentParser) -> None:
+    p.description = ("Generate text, and visual tokens wherever the model emits <image_start> (m tokens, each "
+                     "fed back through the input projector, with a KV cache). Tokens are saved as .npy.")
+    p.add_argument("checkpoint", help="an exported folder, a run folder or a checkpoint folder")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    p.add_argument("--image", action="store_true", help="start the answer with an image (force <image_start>)")
+    p.add_argument("--output", "-o", default="generated", help="folder for the .npy files (default: generated)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from model.generate import encode_prompt, generate, render_generation, save_images
+    from train.export import load_any
+
+    model, tok = load_any(args.checkpoint)
+    ids, vis = encode_prompt(model, tok, [{"role": "user", "content": [{"text": args.prompt}]}])
+    stops = tuple(i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
+                              tok.convert_tokens_to_ids("<|eot_id|>")) if isinstance(i, int) and i >= 0)
+    gen = generate(model, ids, vis, max_new_tokens=args.max_new_tokens, stop_ids=stops, force_image=args.image)
+    paths = save_images(gen, args.output)
+    print(render_generation(gen, tok, paths))
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "ingest": (cmd_ingest, _build_ingest, "raw source -> instruction shards (Ray Data job)"),
     "precompute": (cmd_precompute, _build_precompute, "images -> cached frozen-encoder visual tokens (Ray Data job)"),
     "inspect": (cmd_inspect, _build_inspect, "print a dataset's manifest summary and render samples"),
     "demo": (cmd_demo, _build_demo, "run the whole pipeline on generated shapes-world data"),
+    "train": (cmd_train, _build_train, "train a VPiT model on a mixture with DeepSpeed ZeRO-3"),
+    "export": (cmd_export, _build_export, "training checkpoint -> Hugging Face folder (safetensors)"),
+    "generate": (cmd_generate, _build_generate, "generate text and visual tokens (.npy) from a trained model"),
 }
 
 

@@ -22,6 +22,20 @@ def _stage(n: int, title: str) -> None:
     print(f"\n[{n}] {title}", flush=True)
 
 
+def _precompute_stage(dataset: Path, workers: int) -> str:
+    """Encode every image once with the tiny SigLIP; returns the cache fingerprint."""
+    from model.encoder import EncoderConfig
+    from pipelines.precompute import PrecomputeConfig, run_precompute
+    from pipelines.token_cache import TokenCache
+
+    _stage(3, f"precompute visual tokens of {dataset.name} with the tiny SigLIP (Ray actor pool)")
+    report = run_precompute(dataset, EncoderConfig(encoder="tiny"), PrecomputeConfig(actors=max(1, workers // 2)))
+    print(report.summary())
+    cache = TokenCache(dataset, report.fingerprint)
+    print(f"    sample 0 of shard 0: tokens {cache.tokens(0, 0).shape} (images, m, d), float32 from {cache.info['dtype']}")
+    return report.fingerprint
+
+
 def run_demo(output: str | Path, samples: int = 400, workers: int = 2) -> dict:
     t0 = time.perf_counter()
     out = Path(output)
@@ -40,6 +54,8 @@ def run_demo(output: str | Path, samples: int = 400, workers: int = 2) -> dict:
     print(report.summary())
     ds = Dataset(out / "datasets" / "understanding")
     print("\n    first sample:\n" + render_sample(ds.read(0, 0).record))
+
+    _precompute_stage(out / "datasets" / "understanding", workers)
 
     summary = {"samples": report.samples, "quarantined": report.quarantined, "seconds": time.perf_counter() - t0}
     print(f"\ndemo finished in {summary['seconds']:.0f}s; outputs under {out}/")

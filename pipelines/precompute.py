@@ -229,10 +229,12 @@ def run_precompute(dataset: str | Path, encoder_config: EncoderConfig, config: P
         actors = config.actors or max(1, gpus)
         cfg = dataclasses.asdict(encoder_config)
         pipe = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-        # Ray Data fuses a task op into the next actor op when their remote args match; the
-        # explicit max_retries makes them differ, so decoding stays in its own tasks and
-        # overlaps the encoder's forward instead of preceding it inside the actor.
-        pipe = pipe.map(_decoder(encoder.processor), num_cpus=config.decode_cpus, max_retries=3)
+        # A decode worker holds torch + transformers (~0.4 GiB measured) and a chunk's pixels.
+        # Declaring that memory also keeps Ray Data from fusing decoding into the encoder actor
+        # (it fuses only ops with equal resource requests), so decoding overlaps the forward.
+        side = encoder.model.config.image_size
+        decode_memory = (512 << 20) + 3 * config.batch_size * 3 * side * side * 4
+        pipe = pipe.map(_decoder(encoder.processor), num_cpus=config.decode_cpus, memory=decode_memory)
         pipe = pipe.map_batches(
             _EncoderActor, batch_size=1, num_cpus=config.actor_cpus, num_gpus=1 if gpus else 0,
             compute=ray.data.ActorPoolStrategy(size=actors),

@@ -98,12 +98,16 @@ def _shard_state(cdir: Path, entry: dict[str, Any], m: int, dim: int, dtype: str
         return "stale"
     if not data.exists() or not offs.exists():
         return "partial"
-    header = np.load(data, mmap_mode="r", allow_pickle=False) if done["rows"] else np.load(data, allow_pickle=False)
-    if header.shape != (done["rows"], m, dim) or header.dtype != STORAGE_NUMPY[dtype]:
-        return "partial"
     if data.stat().st_size != done["bytes"]:  # truncated or grown behind our back
         return "partial"
-    return "ok"
+    try:
+        with open(data, "rb") as f:  # the header only: shape and dtype, no payload read
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+            shape, _, stored = read(f)
+    except (ValueError, OSError):
+        return "partial"
+    return "ok" if shape == (done["rows"], m, dim) and stored == STORAGE_NUMPY[dtype] else "partial"
 
 
 def check_cache(dataset_root: str | Path, fingerprint: str) -> dict[str, list[str]]:
