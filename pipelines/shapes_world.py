@@ -293,7 +293,7 @@ def write_pairs(out: Path, n: int, base_url: str, seed: int = 0, size: int = 64,
         pcsv.write_csv(table, path)
     else:
         raise ValueError(f"fmt: expected 'parquet' or 'csv', got {fmt!r}")
-    return {"url_list": path, "www": www, "captions": captions[:n], "urls": urls}
+    return {"url_list": path, "www": www, "captions": captions, "urls": urls}
 
 
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
