@@ -257,7 +257,8 @@ def write_pairs(out: Path, n: int, base_url: str, seed: int = 0, size: int = 64,
                 bad: bool = True) -> dict[str, Any]:
     """Write `n` captioned images under `out/www` and a URL list (`out/urls.parquet` or `.csv`)
     pointing at `base_url` (serve `out/www` there). With `bad`, one URL per `BAD_PAIR_CASES`
-    follows the good ones. Returns {"url_list", "www", "captions", "urls"}."""
+    follows the good ones. Returns {"url_list", "www", "captions", "urls"}, the last two aligned
+    with the rows of the list."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
