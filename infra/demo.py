@@ -57,6 +57,11 @@ def run_demo(output: str | Path, samples: int = 400, workers: int = 2) -> dict:
 
     _precompute_stage(out / "datasets" / "understanding", workers)
 
+    from infra.demo_sources import ingest_other_sources
+
+    _stage(4, "generate and ingest the other source kinds: image-text pairs, video, editing")
+    ingest_other_sources(out, workers=workers)
+
     summary = {"samples": report.samples, "quarantined": report.quarantined, "seconds": time.perf_counter() - t0}
     print(f"\ndemo finished in {summary['seconds']:.0f}s; outputs under {out}/")
     return summary
