@@ -120,3 +120,47 @@ def test_no_tokens_without_a_cache(mix_data):
     items = [it for b in MixtureStream(plan, global_batch_size=4, with_tokens=False) for it in b]
     assert "tokens" not in items[0] and Counter(it["group"] for it in items) == {"understanding": 30,
                                                                                  "generation": 16, "editing": 6}
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_random_specs_on_real_shards(mix_data, case):
+    """Random amounts, seeds, batch sizes and world sizes over the real shards: exact per-source
+    counts, the per-batch bound, no duplicates beyond planned repetition, and resume at a
+    random step onto another world size continuing the identical sequence."""
+    rng = np.random.default_rng(case)
+    allow = bool(rng.random() < 0.5)
+    amounts = {"und": int(rng.integers(1, 100 if allow else 50)), "gen": int(rng.integers(1, 45 if allow else 21)),
+               "edit": int(rng.integers(1, 25 if allow else 11))}
+    path = mix_data["root"] / f"random{case}.yaml"
+    path.write_text(spec_text(mix_data["fingerprint"], **amounts, seed=int(rng.integers(0, 1000)),
+                              repetition="allow" if allow else "error"))
+    plan = make_plan(load_spec(path))
+    batch = int(rng.integers(4, 17))
+    world = int(rng.choice([1, 2, 4]))
+
+    def run(world_size, state=None):
+        streams = [MixtureStream(plan, global_batch_size=batch, rank=r, world_size=world_size, with_tokens=False,
+                                 prefetch_batches=int(rng.integers(1, 5))) for r in range(world_size)]
+        for s in streams:
+            if state:
+                s.load_state_dict(state)
+        return [sum(parts, []) for parts in zip(*[list(s) for s in streams], strict=True)]
+
+    steps = run(world)
+    items = [it for step in steps for it in step]
+    assert [it["index"] for it in items] == list(range(plan.total))
+    assert Counter(it["source"] for it in items) == {s.name: s.count for s in plan.sources if s.count}
+    for step in steps:
+        got = Counter(it["group"] for it in step)
+        for g, n_g in plan.groups:
+            ideal = len(step) * n_g / plan.total
+            assert np.floor(ideal) <= got[g] <= np.ceil(ideal)
+    for sp in plan.sources:
+        times = Counter(it["id"] for it in items if it["source"] == sp.name)
+        assert set(times.values()) <= {sp.count // sp.available, -(-sp.count // sp.available)}
+        assert len(times) == min(sp.count, sp.available)
+        assert all(it["record"]["kind"] == sp.kind for it in items if it["source"] == sp.name)
+    k = int(rng.integers(0, len(steps)))
+    other = int(rng.choice([w for w in (1, 2, 4) if w != world]))
+    state = {"consumed": k * batch, "plan_hash": plan.hash, "global_batch_size": batch}
+    assert _ids(run(other, state)) == _ids(steps[k:])
