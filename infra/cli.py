@@ -212,10 +212,61 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(render_generation(gen, tok, paths))
 
 
+def _build_mix(p: argparse.ArgumentParser) -> None:
+    p.description = ("Mixture specs (YAML: sources, per-group counts or weights, split, seed, repetition, token "
+                     "cache; see README 'Mixtures'). `plan` validates the spec against its datasets and prints "
+                     "exact per-source counts, writing nothing; `inspect` reads the first batches through the "
+                     "deterministic stream and plots the cumulative group ratio.")
+    sub = p.add_subparsers(dest="mix_command", required=True, metavar="ACTION")
+    plan = sub.add_parser("plan", help="validate a spec and print its plan table (writes nothing)",
+                          description="Validate SPEC, resolve its datasets and print per-source available/planned "
+                          "counts, repetition, estimated text and visual tokens, group ratios and the plan hash. "
+                          "An infeasible spec fails here with what to change.")
+    inspect = sub.add_parser("inspect", help="realised composition of the first N global batches + ratio PNG",
+                             description="Read the first N global batches through the mixture stream, print each "
+                             "group's count per batch against the plan, and write a PNG of the cumulative group "
+                             "ratio over the run (and optionally the sample ids of every step).")
+    for q in (plan, inspect):
+        q.add_argument("spec", help="mixture spec YAML")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec key, dotted, value parsed as YAML (e.g. --set groups.generation.count=200k)")
+    inspect.add_argument("--steps", type=int, default=20, help="global batches to read (default: 20)")
+    inspect.add_argument("--batch-size", type=int, required=True, help="global batch size (all ranks, one step)")
+    inspect.add_argument("--png", default=None, help="plot to write (default: SPEC's name + .ratio.png beside it)")
+    inspect.add_argument("--lineage", default=None, metavar="JSONL",
+                         help="also write the sample ids of each inspected step, one JSON line per step")
+
+
+def cmd_mix(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mixtures import load_spec, make_plan
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = value  # load_spec reads string values as YAML
+    plan = make_plan(load_spec(args.spec, overrides or None))
+    if args.mix_command == "plan":
+        print(plan.table())
+        return
+    from mixtures.inspect import inspect_mixture
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be >= 1")
+    spec = Path(args.spec)
+    png = Path(args.png) if args.png else spec.with_name(spec.stem + ".ratio.png")
+    print(inspect_mixture(plan, batch_size=args.batch_size, steps=args.steps, png=png,
+                          lineage=Path(args.lineage) if args.lineage else None))
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "ingest": (cmd_ingest, _build_ingest, "raw source -> instruction shards (Ray Data job)"),
     "precompute": (cmd_precompute, _build_precompute, "images -> cached frozen-encoder visual tokens (Ray Data job)"),
     "inspect": (cmd_inspect, _build_inspect, "print a dataset's manifest summary and render samples"),
+    "mix": (cmd_mix, _build_mix, "plan and inspect mixture specs (exact counts, per-batch ratios)"),
     "demo": (cmd_demo, _build_demo, "run the whole pipeline on generated shapes-world data"),
     "train": (cmd_train, _build_train, "train a VPiT model on a mixture with DeepSpeed ZeRO-3"),
     "export": (cmd_export, _build_export, "training checkpoint -> Hugging Face folder (safetensors)"),

@@ -1,0 +1,119 @@
+"""`vpit mix inspect`: the realised composition of the first batches, a ratio plot, lineage.
+
+The first `steps` global batches are read through the real stream (records from the
+shards), tallied per group and compared with the plan. The plot shows each group's
+cumulative share over the whole run, from the schedule (no reads needed: the sequence
+is a pure function of the plan), with the inspected stretch marked. Lineage writes the
+sample ids of every step as JSON lines, so any run can be audited: the ids depend only on
+the plan and the global batch size, never on ranks or workers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mixtures.catalog import RecordReader
+from mixtures.plan import Plan
+from mixtures.sampler import batch_slots, locate, make_schedule
+from mixtures.stream import MixtureStream
+
+__all__ = ["group_counts", "inspect_mixture", "lineage_ids", "plot_group_ratio"]
+
+
+def group_counts(plan: Plan, batch_size: int) -> np.ndarray:
+    """(batches, groups) samples per group in every global batch, from the schedule alone."""
+    schedule = make_schedule(plan, batch_size)
+    per_source = np.diff(schedule.draws, axis=0)
+    out = np.zeros((per_source.shape[0], len(plan.groups)), dtype=np.int64)
+    for s, g in enumerate(schedule.group_of):
+        out[:, g] += per_source[:, s]
+    return out
+
+
+def lineage_ids(plan: Plan, batch_size: int, start: int = 0, stop: int | None = None):
+    """Yield (step, [sample ids]) for global batches [start, stop), from the shard indexes (no tar reads)."""
+    schedule = make_schedule(plan, batch_size)
+    readers = [RecordReader(s.catalog.root, s.catalog.shard_names) for s in plan.sources]
+    try:
+        for k in range(start, schedule.num_batches if stop is None else min(stop, schedule.num_batches)):
+            src, draw = batch_slots(plan, schedule, k)
+            shards, positions = locate(plan, src, draw)
+            yield k, [readers[s].sample_id(sh, p) for s, sh, p in zip(src.tolist(), shards.tolist(),
+                                                                      positions.tolist(), strict=True)]
+    finally:
+        for r in readers:
+            r.close()
+
+
+def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0) -> Path:
+    """PNG of each group's cumulative share of samples per step, with the planned share dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = group_counts(plan, batch_size)
+    cum = np.cumsum(counts, axis=0)
+    share = cum / cum.sum(axis=1, keepdims=True)
+    steps = np.arange(1, len(counts) + 1)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for gi, (g, n_g) in enumerate(plan.groups):
+        (line,) = ax.plot(steps, share[:, gi], label=f"{g} ({n_g:,})")
+        ax.axhline(n_g / plan.total, color=line.get_color(), linestyle="--", linewidth=0.8)
+    if inspected:
+        ax.axvspan(1, inspected, color="0.9", label=f"inspected ({inspected} steps)")
+    ax.set(xlabel=f"step (global batch of {batch_size})", ylabel="cumulative share of samples",
+           title=f"group ratio over the run, plan {plan.hash}", ylim=(0, 1))
+    ax.set_xscale("log" if len(steps) > 50 else "linear")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def inspect_mixture(plan: Plan, *, batch_size: int, steps: int, png: Path, lineage: Path | None = None,
+                    show: int = 12) -> str:
+    """Read the first `steps` batches through the stream; return the composition report."""
+    planned = group_counts(plan, batch_size)
+    steps = min(steps, len(planned))
+    names = [g for g, _ in plan.groups]
+    realised = np.zeros((steps, len(names)), dtype=np.int64)
+    stream = MixtureStream(plan, global_batch_size=batch_size, with_tokens=False)
+    out = open(lineage, "w", encoding="utf-8") if lineage else None  # noqa: SIM115 - closed below
+    try:
+        for k, batch in enumerate(stream):
+            if k == steps:
+                break
+            for item in batch:
+                realised[k, names.index(item["group"])] += 1
+            if out:
+                out.write(json.dumps({"step": k, "ids": [it["id"] for it in batch]}) + "\n")
+    finally:
+        if out:
+            out.close()
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = [f"mixture {plan.spec.origin}: plan {plan.hash}, {plan.total:,} samples in {len(planned):,} global "
+             f"batches of {batch_size}", "", "  step  " + "".join(n.rjust(width) for n in names)]
+    for k in range(min(steps, show)):
+        lines.append(f"  {k:>4}  " + "".join(str(c).rjust(width) for c in realised[k]))
+    if steps > show:
+        lines.append(f"  {'...':>4}  ({steps - show} more)")
+    seen = realised.sum()
+    lines += ["", f"  first {steps} batches ({seen:,} samples): realised share vs planned"]
+    sizes = planned[:steps].sum(axis=1)
+    for gi, (g, n_g) in enumerate(plan.groups):
+        lo, hi = np.floor(sizes * n_g / plan.total), np.ceil(sizes * n_g / plan.total)
+        ok = bool(((realised[:, gi] >= lo) & (realised[:, gi] <= hi)).all())
+        lines.append(f"    {g:<{width}} {realised[:, gi].sum() / max(1, seen):7.2%}  planned {n_g / plan.total:7.2%}  "
+                     f"per batch {realised[:, gi].min()}..{realised[:, gi].max()} "
+                     f"({'within one sample of plan' if ok else 'OUTSIDE the per-batch bound'})")
+    same = np.array_equal(realised, planned[:steps])
+    lines.append(f"  realised batches {'match' if same else 'DIFFER FROM'} the plan's schedule")
+    plot_group_ratio(plan, batch_size, png, inspected=steps)
+    lines.append(f"  wrote {png}" + (f" and lineage {lineage}" if lineage else ""))
+    return "\n".join(lines)
