@@ -62,6 +62,11 @@ def run_demo(output: str | Path, samples: int = 400, workers: int = 2) -> dict:
     _stage(4, "generate and ingest the other source kinds: image-text pairs, video, editing")
     ingest_other_sources(out, workers=workers)
 
+    from mixtures.demo import mixture_stage
+
+    _stage(5, "plan the demo mixture (exact counts per source, per-batch group ratios)")
+    mixture_stage(out)
+
     summary = {"samples": report.samples, "quarantined": report.quarantined, "seconds": time.perf_counter() - t0}
     print(f"\ndemo finished in {summary['seconds']:.0f}s; outputs under {out}/")
     return summary
