@@ -116,3 +116,13 @@ def test_visual_thinking_through_llava(tmp_path, ray_local):
     assert t1["messages"][0]["content"][0] == {"image": 0}  # input
     assert t1["messages"][1]["content"] == [{"text": "Let me think: the next one."}, {"image": 1}]  # target
     assert u0["kind"] == "understanding"
+
+
+def test_editing_output_independent_of_workers(tmp_path, ray_local):
+    info = write_edit_triplets(tmp_path / "raw", 9, seed=1, layout="instructpix2pix", fmt="jsonl")
+    shas = []
+    for workers in (1, 2):
+        adapter = EditingAdapter(EditingConfig(input=str(info["path"]), shard_size=4))
+        run_ingest(adapter, tmp_path / f"ds{workers}", workers=workers, progress=False)
+        shas.append([s["tar_sha256"] for s in Dataset(tmp_path / f"ds{workers}").shards])
+    assert len(shas[0]) == 3 and shas[0] == shas[1]
