@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from model.encoder import TORCH_DTYPES, EncoderConfig, VisionEncoder, decode_image, load_encoder, preprocess_images
+from model.encoder import EncoderConfig, VisionEncoder, decode_image, load_encoder, preprocess_images
 from pipelines.shards import Dataset, save_json_atomic
 from pipelines.token_cache import (
     STORAGE_NUMPY,
@@ -30,6 +30,7 @@ from pipelines.token_cache import (
     check_cache,
     marker_path,
     offsets_path,
+    to_storage,
     tokens_path,
 )
 
@@ -148,15 +149,11 @@ class _EncoderActor:
         self.dtype = config["dtype"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         n_rows = []
         for path, row0, pixels in zip(batch["path"], batch["row0"], batch["pixels"], strict=True):
-            tokens = self.encoder.encode_pixels(np.asarray(pixels)).to(TORCH_DTYPES[self.dtype])
-            if self.dtype == "bf16":
-                tokens = tokens.view(torch.int16)
+            tokens = to_storage(self.encoder.encode_pixels(np.asarray(pixels)), self.dtype)
             out = np.lib.format.open_memmap(str(path), mode="r+")
-            out[int(row0):int(row0) + len(tokens)] = tokens.numpy().view(STORAGE_NUMPY[self.dtype])
+            out[int(row0):int(row0) + len(tokens)] = tokens
             out.flush()
             del out
             n_rows.append(len(tokens))

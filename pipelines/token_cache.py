@@ -32,6 +32,7 @@ __all__ = [
     "from_storage",
     "marker_path",
     "precompute_command",
+    "to_storage",
     "tokens_path",
     "offsets_path",
 ]
@@ -64,6 +65,16 @@ def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bf16":
         return (np.asarray(arr, dtype=np.uint32) << 16).view(np.float32)
     return np.asarray(arr, dtype=np.float32)
+
+
+def to_storage(tokens, dtype: str) -> np.ndarray:
+    """A float torch tensor -> the numpy array the cache stores (bf16 rounded, kept as uint16 bits)."""
+    import torch
+
+    t = tokens.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    if dtype == "bf16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def precompute_command(dataset_root: str | Path, info: dict[str, Any]) -> str:
