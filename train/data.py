@@ -30,6 +30,7 @@ class ListSource:
 
     def __init__(self, items: list[dict[str, Any]], global_batch_size: int):
         self.items, self.global_batch_size = items, global_batch_size
+        self.token_shape = None
         self.plan_hash = f"list-{len(items)}-{items[0]['id'] if items else ''}"
 
     def num_batches(self) -> int | None:
@@ -56,6 +57,7 @@ class MixtureSource:
         self.plan = make_plan(load_spec(spec_path, overrides or None))
         self.plan_hash = self.plan.hash
         self.global_batch_size = global_batch_size
+        self.token_shape = (self.plan.m, self.plan.dim) if self.plan.dim else None
 
     def stream(self, start: int, rank: int, world_size: int) -> Any:
         from mixtures import MixtureStream

@@ -67,6 +67,10 @@ class Trainer:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model_config = model.config
         self.source = source or make_source(cfg.data, cfg.micro_batch_size * self.dist.world_size, cfg.model)
+        shape = getattr(self.source, "token_shape", None)
+        if shape and shape != (cfg.model.num_visual_tokens, cfg.model.vision_dim):
+            raise ValueError(f"model.num_visual_tokens/vision_dim: the config says ({cfg.model.num_visual_tokens}, "
+                             f"{cfg.model.vision_dim}) but the mixture's token cache holds tokens of shape {shape}")
         have = self.source.num_batches()
         if have is not None and have < cfg.max_steps * cfg.grad_accum:
             raise ValueError(f"max_steps: {cfg.max_steps} steps x grad_accum {cfg.grad_accum} need "
@@ -137,7 +141,7 @@ class Trainer:
             state = load_checkpoint(self.engine, ckpt, self.source.plan_hash)
             self.step, self.micro_steps = state.step, state.micro_steps
             if self.dist.rank == 0:
-                print(f"resumed from {ckpt.name}: step {self.step}, {self.micro_steps} micro batches consumed")
+                print(f"resumed from {ckpt.name}: step {self.step}, {self.micro_steps} micro batches consumed", flush=True)
         else:  # a fresh run: logs of an earlier run that never checkpointed are stale
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / f"samples-rank{self.dist.rank}.jsonl").unlink(missing_ok=True)
