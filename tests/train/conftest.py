@@ -92,7 +92,7 @@ groups:
     return {"spec": str(spec), "m": plan.m, "d": plan.dim, "hash": plan.hash}
 
 
-LEARN_STEPS = 240
+LEARN_STEPS = 320
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,48 @@
+"""`vpit export` -> a Hugging Face folder that plain transformers loads with the same logits;
+`vpit generate` on it writes the visual tokens as .npy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from infra.cli import main
+from model.build import load_exported
+from train.export import load_checkpoint_model
+
+
+def test_export_round_trip_gives_the_same_logits(trained_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    assert main(["export", str(trained_run), "-o", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "vpit.json", "projector.safetensors",
+            "vision_head.safetensors", "tokenizer.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+
+    ref, _ = load_checkpoint_model(trained_run)  # DeepSpeed's merge of the ZeRO-3 shards
+    llm = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, nothing of ours
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok.encode("<|im_start|>user\nGenerate an image of a red circle<|im_end|>\n<image_start>")])
+    assert ids[0, -1].item() == ref.config.image_start_id
+    with torch.no_grad():
+        torch.testing.assert_close(llm(ids).logits, ref.llm(ids).logits, atol=1e-6, rtol=0)
+    loaded, _ = load_exported(out)
+    for name in ("projector", "vision_head"):
+        for a, b in zip(getattr(loaded, name).state_dict().values(), getattr(ref, name).state_dict().values()):
+            assert torch.equal(a, b)
+    # the trained weights, not an initialisation
+    assert not torch.equal(ref.projector[0].weight, torch.zeros_like(ref.projector[0].weight))
+
+    assert main(["generate", str(out), "--prompt", "Generate an image of a blue square in the top left on a white "
+                 "background", "-o", str(tmp_path / "gen"), "--max-new-tokens", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "[image 0: 16 x 32 tokens" in printed
+    arr = np.load(tmp_path / "gen" / "image-0.npy")
+    assert arr.shape == (16, 32) and np.allclose(np.linalg.norm(arr, axis=-1), 1, atol=1e-5)
+
+
+def test_export_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "x")]) == 2
+    assert "neither a checkpoint folder nor a run folder" in capsys.readouterr().err
