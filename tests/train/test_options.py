@@ -1,0 +1,75 @@
+"""Training options: stage 1 freezes the LLM (with gradient checkpointing and accumulation on),
+config mistakes are named plainly, and the lr schedule is warmup + cosine with sqrt scaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infra.cli import main
+from model.build import ModelConfig, build_model
+from tests.train.conftest import run_vpit
+from train.config import load_train_config
+from train.export import load_checkpoint_model
+from train.trainer import lr_schedule
+
+
+def test_stage_1_trains_projector_and_head_only(tmp_path, bpe_tokenizer):
+    cfg = tmp_path / "s1.yaml"
+    cfg.write_text(f"""
+output_dir: run
+model: {{llm: tiny, tokenizer: {bpe_tokenizer}, chat_template: chatml, vision_dim: 32, num_visual_tokens: 16}}
+data: {{synthetic: 64, max_len: 256, num_workers: 0}}
+micro_batch_size: 4
+grad_accum: 2
+max_steps: 3
+lr: 1e-2
+lr_reference_batch: 2
+stage: 1
+gradient_checkpointing: true
+save_every: 3
+""")
+    res = run_vpit(["train", str(cfg)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    trained, _ = load_checkpoint_model(tmp_path / "run")
+    torch.manual_seed(0)  # the trainer's seed: the same initial weights
+    initial, _ = build_model(ModelConfig(tokenizer=bpe_tokenizer, chat_template="chatml", vision_dim=32,
+                                         num_visual_tokens=16))
+    for name, p in initial.llm.state_dict().items():
+        assert torch.equal(p, trained.llm.state_dict()[name]), f"frozen LLM weight {name} changed"
+    for part in ("projector", "vision_head"):
+        a, b = getattr(initial, part)[0].weight, getattr(trained, part)[0].weight
+        assert not torch.allclose(a, b), f"{part} did not train"
+    assert "trained 3 steps (global batch 8, lr 0.02)" in res.stdout  # 1e-2 x sqrt(8 / 2)
+
+
+def test_config_mistakes_name_the_key(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5, chatt_template: chatml}\n"
+                   "data: {synthetic: 10}\n")
+    with pytest.raises(ValueError, match=r"model: unknown key\(s\) chatt_template"):
+        load_train_config(cfg)
+    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {synthetic: 10}\n"
+                   "stage: 3\nlr: -1\n")
+    with pytest.raises(ValueError, match=r"(?s)stage: expected one of \[1, 2\], got 3"):
+        load_train_config(cfg)
+    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {synthetic: 10}\nlr: -1\n"
+                   "warmup_steps: 500\n")
+    with pytest.raises(ValueError, match=r"(?s)lr: expected > 0.*warmup_steps: expected 0..max_steps"):
+        load_train_config(cfg)
+    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {mixture: m.yaml, synthetic: 5}\n")
+    with pytest.raises(ValueError, match="give exactly one of data.mixture"):
+        load_train_config(cfg)
+    cfg.write_text("output_dir: x\nmodel: {llm: /no/such/model}\ndata: {synthetic: 10}\n")
+    assert main(["train", str(cfg)]) == 2
+    assert "model.llm: expected 'tiny' or a local model folder" in capsys.readouterr().err
+
+
+def test_lr_schedule_warmup_then_cosine_and_sqrt_batch_scaling():
+    sched = [lr_schedule(s, warmup=4, total=20, min_ratio=0.1) for s in range(20)]
+    assert sched[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(sched[4:], sched[5:]))
+    assert math.isclose(lr_schedule(20, 4, 20, 0.1), 0.1)
+    assert math.isclose(lr_schedule(12, 4, 20, 0.1), 0.1 + 0.9 * 0.5)  # half-way down the cosine
