@@ -24,7 +24,7 @@ import numpy as np
 
 from pipelines.shards import load_manifest
 
-__all__ = ["Catalog", "RecordReader", "build_catalog"]
+__all__ = ["Catalog", "RecordReader", "build_catalog", "is_heldout"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,8 +64,22 @@ def _read_index(root: Path, name: str) -> dict[str, Any]:
     return json.loads((root / "shards" / f"{name}.idx.json").read_text(encoding="utf-8"))
 
 
-def build_catalog(root: str | Path, kind: str | None, where: str) -> Catalog:
-    """The catalog of dataset `root` filtered to `kind`. Errors name `where` (e.g. sources.vqa.path)."""
+def is_heldout(sample_id: str, fraction: float) -> bool:
+    """Whether a sample belongs to the held-out split: a hash of its id, so the split is the
+    same for every mixture, seed and machine, and a sample never moves between splits."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(f"vpit-heldout:{sample_id}".encode()).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def build_catalog(root: str | Path, kind: str | None, where: str, heldout: float = 0.0,
+                  split: str = "train") -> Catalog:
+    """The catalog of dataset `root` filtered to `kind`. Errors name `where` (e.g. sources.vqa.path).
+
+    With `heldout` > 0 the samples whose id hashes below it are left out (split "train") or
+    are the only ones kept (split "heldout"); the ids come from the shard indexes.
+    """
     root = Path(root)
     manifest = load_manifest(root) if root.is_dir() else None
     if manifest is None:
@@ -77,12 +91,20 @@ def build_catalog(root: str | Path, kind: str | None, where: str) -> Catalog:
     counts, picks = [], {}
     for i, shard in enumerate(manifest["shards"]):
         n_kind = shard["samples"] if kind is None else shard["kinds"].get(kind, 0)
-        if 0 < n_kind < shard["samples"]:
+        if heldout > 0 and n_kind > 0:
+            entries = _read_index(root, shard["name"])["samples"]
+            keep = [p for p, e in enumerate(entries) if (kind is None or e["kind"] == kind)
+                    and is_heldout(e["id"], heldout) == (split == "heldout")]
+            if len(keep) < shard["samples"]:
+                picks[i] = np.array(keep, dtype=np.int64)
+            n_kind = len(keep)
+        elif 0 < n_kind < shard["samples"]:
             entries = _read_index(root, shard["name"])["samples"]
             picks[i] = np.array([p for p, e in enumerate(entries) if e["kind"] == kind], dtype=np.int64)
         counts.append(n_kind)
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    h = hashlib.sha256(json.dumps([kind, [(s["name"], s["samples"], s["tar_sha256"]) for s in manifest["shards"]]])
+    split_key = [kind] if heldout <= 0 else [kind, heldout, split]  # unchanged hashes for specs without a split
+    h = hashlib.sha256(json.dumps([*split_key, [(s["name"], s["samples"], s["tar_sha256"]) for s in manifest["shards"]]])
                        .encode()).hexdigest()[:16]
     return Catalog(root=root, shard_names=tuple(s["name"] for s in manifest["shards"]), offsets=offsets,
                    picks=picks, fingerprint=h, kinds=dict(manifest.get("kinds", {})))

@@ -17,7 +17,7 @@ from mixtures.spec import GroupSpec, MixtureSpec, SourceSpec, parse_count
 
 __all__ = ["apply_overrides", "load_raw", "load_spec", "spec_from_dict"]
 
-TOP_KEYS = {"include", "description", "seed", "repetition", "cache", "total", "sources", "groups"}
+TOP_KEYS = {"include", "description", "seed", "repetition", "cache", "total", "heldout", "sources", "groups"}
 SOURCE_KEYS = {"path", "group", "kind"}
 GROUP_KEYS = {"count", "weight", "split"}
 
@@ -139,6 +139,9 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
     cache = data.get("cache")
     p.check(cache is None or (isinstance(cache, str) and cache != ""),
             f"cache: expected a token-cache fingerprint string, got {cache!r}")
+    heldout = data.get("heldout", 0.0)
+    p.check(isinstance(heldout, int | float) and not isinstance(heldout, bool) and 0 <= heldout < 1,
+            f"heldout: expected a fraction in [0, 1), e.g. 0.02, got {heldout!r}")
     total = None
     if data.get("total") is not None:
         try:
@@ -202,7 +205,7 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
     if p:
         raise ValueError(f"invalid mixture spec {origin}:\n  - " + "\n  - ".join(p))
     return MixtureSpec(sources=tuple(sources), groups=tuple(groups), seed=seed, repetition=repetition,
-                       cache=cache, total=total, origin=origin)
+                       cache=cache, total=total, heldout=float(heldout), origin=origin)
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> MixtureSpec:

@@ -195,7 +195,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
     catalogs: dict[str, Catalog] = {}
     for s in spec.sources:
         try:
-            catalogs[s.name] = build_catalog(s.path, s.kind, f"sources.{s.name}.path")
+            catalogs[s.name] = build_catalog(s.path, s.kind, f"sources.{s.name}.path", heldout=spec.heldout)
         except ValueError as e:
             problems.append(str(e))
             continue

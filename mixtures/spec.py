@@ -7,6 +7,7 @@ sources, a seed, the repetition policy and the token-cache fingerprint. Example:
     include: base.yaml            # optional: this file's keys override the included file's
     seed: 0
     repetition: error             # error | allow
+    heldout: 0.02                 # 2% of every source, by id hash, kept for evaluation only
     cache: 3f2a9c1e0b7d4a55       # token-cache fingerprint (vpit precompute prints it)
     sources:
       vqa:   {path: ../data/vqa, group: understanding}
@@ -142,6 +143,9 @@ class MixtureSpec:
     """Token-cache fingerprint the stream reads visual tokens from; None: no tokens."""
     total: int | None = None
     """Total samples when groups give weights; must be absent when groups give counts."""
+    heldout: float = 0.0
+    """Fraction of every source held out for evaluation, chosen by a hash of the sample id: the
+    stream never yields a held-out sample, `heldout_items` yields only those."""
     origin: str = "<spec>"
     """The YAML file the spec came from (messages only; not part of the plan hash)."""
 
@@ -149,6 +153,8 @@ class MixtureSpec:
         problems = []
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             problems.append(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if isinstance(self.heldout, bool) or not isinstance(self.heldout, int | float) or not 0 <= self.heldout < 1:
+            problems.append(f"heldout: expected a fraction in [0, 1), e.g. 0.02, got {self.heldout!r}")
         if self.repetition not in REPETITION:
             problems.append(f"repetition: expected one of {', '.join(REPETITION)}, got {self.repetition!r}")
         if self.cache is not None and (not isinstance(self.cache, str) or not self.cache):
@@ -194,6 +200,8 @@ class MixtureSpec:
         out: dict[str, Any] = {"seed": self.seed, "repetition": self.repetition, "cache": self.cache}
         if self.total is not None:
             out["total"] = self.total
+        if self.heldout:
+            out["heldout"] = self.heldout
         out["sources"] = {s.name: {"path": str(s.path), "group": s.group, **({"kind": s.kind} if s.kind else {})}
                           for s in self.sources}
         out["groups"] = {}

@@ -54,7 +54,7 @@ def test_parse_count_rejects(value, message):
 
 @pytest.mark.parametrize(("edit", "message"), [
     # unknown key, at the top and nested, with what is allowed there
-    ("sauces: {}\n", r"sauces: unknown key; allowed here: cache, description, groups, include"),
+    ("sauces: {}\n", r"sauces: unknown key; allowed here: cache, description, groups, heldout, include"),
     ("groups: {generation: {cuont: 5}}\n", r"groups.generation.cuont: unknown key; allowed here: count, split, weight"),
     ("sources: {vqa: {pth: x}}\n", r"sources.vqa.pth: unknown key; allowed here: group, kind, path"),
     # unknown source in an explicit split
