@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TEMPLATES", "VISUAL_SLOT", "ChatTemplate", "Encoded", "ImageTokens", "encode_messages", "get_template"]
+__all__ = ["TEMPLATES", "VISUAL_SLOT", "ChatTemplate", "Encoded", "ImageTokens", "encode_messages", "get_template",
+           "stop_ids"]
 
 # Input id written at every visual-token slot; the model replaces its embedding by the
 # projected visual token. Negative so it can never collide with a real vocabulary id.
@@ -56,6 +57,13 @@ def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
         raise ValueError(f"chat_template: unknown template {name!r}; expected one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def stop_ids(tokenizer: Any, template: ChatTemplate) -> tuple[int, ...]:
+    """Ids that end a generated turn: the template's turn end (when it is one token) and EOS."""
+    end = tokenizer.encode(template.end, add_special_tokens=False)
+    ids = {tokenizer.eos_token_id} | ({end[0]} if len(end) == 1 else set())
+    return tuple(sorted(i for i in ids if isinstance(i, int) and i >= 0))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
