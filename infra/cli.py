@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from infra import grid_cli
+
 __all__ = ["COMMANDS", "UserError", "main"]
 
 # Third-party libraries that phone home at import; this tool is offline by design.
@@ -262,6 +264,97 @@ def cmd_mix(args: argparse.Namespace) -> None:
                           lineage=Path(args.lineage) if args.lineage else None))
 
 
+def _build_decoder(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "The diffusion decoder: visual tokens -> pixels (MetaMorph's SigLIP-conditioned Stable Diffusion). "
+        "`train` fits it on a dataset's images and their cached tokens; `sample` decodes a .npy of tokens to PNGs."
+    )
+    sub = p.add_subparsers(dest="decoder_command", required=True, metavar="ACTION")
+    t = sub.add_parser(
+        "train", help="train the decoder on DATASET's images and token cache",
+        description="Train the diffusion decoder (a projector into cross-attention + a diffusers UNet or DiT; DDPM "
+        "training, classifier-free guidance by dropping the conditioning) on every image of DATASET and its "
+        "tokens in the cache --cache. One process here; for several GPUs launch it with "
+        "`deepspeed --module infra.cli decoder train ...` (ZeRO-3, bf16). Writes the decoder, losses.jsonl, "
+        "loss.png, and held-out samples scored against their true images (heldout.png, heldout.json).",
+    )
+    t.add_argument("dataset", help="dataset folder (holds manifest.json and tokens/)")
+    t.add_argument("--cache", default=None,
+                   help="token cache fingerprint (default: the dataset's only complete cache)")
+    t.add_argument("--output", "-o", required=True, help="folder for the trained decoder and its logs")
+    t.add_argument("--config", default=None,
+                   help="decoder training YAML (keys of DecoderTrainConfig; `decoder:` holds the architecture)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's, 600)")
+    t.add_argument("--deepspeed", default=None, help="DeepSpeed JSON: train through DeepSpeed even in one process")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, dotted, value parsed as YAML (e.g. --set decoder.backbone=unet)")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    s = sub.add_parser("sample", help="decode visual tokens (.npy) to PNG images",
+                       description="Decode TOKENS.npy ((m, d) or (n, m, d), e.g. from `vpit generate`) with a trained "
+                       "decoder: DDIM with classifier-free guidance. One image goes to OUT; n go to OUT-0.png, ...")
+    s.add_argument("tokens", help=".npy of visual tokens, (m, d) or (n, m, d)")
+    s.add_argument("--decoder", required=True, help="folder written by `vpit decoder train`")
+    s.add_argument("--output", "-o", required=True, help="PNG path")
+    s.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
+    s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2.0)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: 0)")
+
+
+def cmd_decoder(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import numpy as np
+    import yaml
+
+    if args.decoder_command == "sample":
+        from model.decoder import decode_tokens
+
+        path = Path(args.tokens)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist")
+        tokens = np.load(path, allow_pickle=False)
+        if tokens.ndim not in (2, 3):
+            raise UserError(f"{path}: expected tokens of shape (m, d) or (n, m, d), got {tokens.shape}")
+        images = decode_tokens(args.decoder, tokens, steps=args.steps, guidance=args.guidance, seed=args.seed)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+                                                for i in range(len(images))]
+        for img, p in zip(images, paths):
+            img.save(p)
+        print(f"decoded {len(images)} image(s) of {images[0].size[0]}x{images[0].size[1]}: {', '.join(map(str, paths))}")
+        return
+    from pipelines.token_cache import CacheError, available_fingerprints
+    from train.decoder_data import CachePairs
+    from train.decoder_train import format_summary, load_decoder_train_config, train_decoder
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.deepspeed is not None:
+        overrides["deepspeed"] = os.path.abspath(args.deepspeed)
+    cfg = load_decoder_train_config(args.config, output=os.path.abspath(args.output), overrides=overrides)
+    fingerprint = args.cache
+    if fingerprint is None:
+        have = available_fingerprints(args.dataset)
+        if len(have) != 1:
+            raise UserError(f"{args.dataset} has {len(have)} complete token caches ({', '.join(have) or 'none'}); "
+                            "name one with --cache" + ("" if have else ", after `vpit precompute`"))
+        fingerprint = have[0]
+    try:
+        pairs = CachePairs(args.dataset, fingerprint, cfg.decoder.image_size)
+    except CacheError as e:
+        raise UserError(str(e)) from None
+    summary = train_decoder(cfg, pairs)
+    if summary:  # rank 0
+        print(format_summary(summary))
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "ingest": (cmd_ingest, _build_ingest, "raw source -> instruction shards (Ray Data job)"),
     "precompute": (cmd_precompute, _build_precompute, "images -> cached frozen-encoder visual tokens (Ray Data job)"),
@@ -271,6 +364,9 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _build_train, "train a VPiT model on a mixture with DeepSpeed ZeRO-3"),
     "export": (cmd_export, _build_export, "training checkpoint -> Hugging Face folder (safetensors)"),
     "generate": (cmd_generate, _build_generate, "generate text and visual tokens (.npy) from a trained model"),
+    "decoder": (cmd_decoder, _build_decoder, "diffusion decoder: train on a token cache, decode tokens to PNGs"),
+    "eval": (grid_cli.cmd_eval, grid_cli.build_eval, "evaluate a run on its mixture's held-out split"),
+    "grid": (grid_cli.cmd_grid, grid_cli.build_grid, "mixture ablation grids: plan, run on Ray, report"),
 }
 
 

@@ -72,6 +72,11 @@ def run_demo(output: str | Path, samples: int = 400, workers: int = 2) -> dict:
     _stage(6, "train a tiny VPiT model on the demo mixture (DeepSpeed ZeRO-3, CPU), export it, generate")
     train_stage(out)
 
+    from train.decoder_demo import decoder_stage
+
+    _stage(7, "train the diffusion decoder (visual tokens -> pixels) on the token cache; decode generated tokens")
+    decoder_stage(out)
+
     summary = {"samples": report.samples, "quarantined": report.quarantined, "seconds": time.perf_counter() - t0}
     print(f"\ndemo finished in {summary['seconds']:.0f}s; outputs under {out}/")
     return summary
