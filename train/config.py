@@ -79,6 +79,13 @@ class TrainConfig:
     """Checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept; older ones are deleted."""
+    eval_every: int = 0
+    """Evaluate on the mixture's held-out split every this many steps (0: never); such steps also
+    checkpoint, since evaluation reads the checkpoint. Writes output_dir/eval/step-N.json."""
+    eval_suite: tuple[Literal["understanding", "generation"], ...] = ("understanding", "generation")
+    """What `eval_every` evaluates."""
+    eval_max_per_source: int = 64
+    """Held-out samples per source that `eval_every` evaluates."""
     seed: int = 0
     """Seed of the model's initialisation."""
     deepspeed: str | None = None
@@ -92,6 +99,11 @@ class TrainConfig:
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.eval_max_per_source < 1:
+            problems.append(f"eval_every / eval_max_per_source: expected >= 0 / >= 1, got {self.eval_every} / "
+                            f"{self.eval_max_per_source}")
+        if self.eval_every and self.data.mixture is None:
+            problems.append("eval_every: evaluation needs data.mixture with a heldout split (synthetic data has none)")
         if not self.lr > 0:
             problems.append(f"lr: expected > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:

@@ -72,7 +72,7 @@ def train_and_eval_cell(spec: GridSpec, cell: Cell, cell_dir: Path, gpus: int = 
         {"id": cell.id, "values": cell.values, "seed": cell.seed, "overrides": cell.overrides}, indent=1) + "\n")
     run_dir = cell_dir / "run"
     sets = {"output_dir": str(run_dir), "data.mixture": str(spec.base), "data.mixture_overrides": cell.overrides,
-            "seed": cell.seed}
+            "seed": cell.seed, "eval_every": spec.every_steps, "eval_suite": list(spec.suite)}
     args = ["train", str(spec.train), "--resume"] + [f"--set={k}={json.dumps(v)}" for k, v in sets.items()]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "infra.cli"]
                 if gpus > 1 else [sys.executable, "-m", "infra.cli"])

@@ -104,8 +104,11 @@ class Trainer:
             self.log.log(row, [i for b in micro for i in b.sample_ids])
             bar.update(1)
             bar.set_postfix(text=f"{row['text_loss']:.3f}", vision=f"{row['vision_loss']:.3f}")
-            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
-                self.save()
+            evaluate = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+            if evaluate or self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+                ckpt = self.save()
+            if evaluate:
+                self._evaluate(ckpt)
         bar.close()
         return self._finish()
 
@@ -126,6 +129,17 @@ class Trainer:
         return {"step": self.step, "loss": sums[0].item() / n, "text_loss": sums[1].item() / n,
                 "vision_loss": sums[2].item() / n, "lr": lr, "tokens": int(sums[3]),
                 "samples": int(sums[4]), "truncated": int(sums[5]), "dropped": int(sums[6])}
+
+    def _evaluate(self, ckpt: Path) -> None:
+        """Rank 0 evaluates the checkpoint just written; the others wait for it."""
+        if self.dist.rank == 0:
+            from train.evaluate import evaluate_run
+
+            metrics = evaluate_run(ckpt, suite=self.cfg.eval_suite, max_per_source=self.cfg.eval_max_per_source,
+                                   step=self.step)
+            shown = {k: round(v, 4) for k, v in metrics.items() if "/" in k and isinstance(v, float)}
+            tqdm.write(f"eval at step {self.step}: {shown}")
+        barrier()
 
     def save(self) -> Path:
         state = ResumeState(step=self.step, micro_steps=self.micro_steps, plan_hash=self.source.plan_hash,

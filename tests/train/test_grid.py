@@ -38,7 +38,7 @@ save_every: 2
 """)
     (root / "grid.yaml").write_text(json.dumps({
         "name": "tiny", "base": "base.yaml", "train": "train.yaml", "axes": axes, "seeds": [0],
-        "eval": {"suite": ["understanding", "generation"]}, "resources": {"num_cpus": 1}}))
+        "eval": {"suite": ["understanding", "generation"], "every_steps": 3}, "resources": {"num_cpus": 1}}))
     return root / "grid.yaml"
 
 
@@ -116,8 +116,9 @@ def test_grid_report_has_the_axes_and_every_cells_metrics(grid_after_kill):
         assert heat["metrics"]["generation/cosine"][i][j] == pytest.approx(row["generation/cosine"])
     for name in ("heatmap_generation_cosine.png", "heatmap_understanding_exact_match.png", "correlation.png", "report.md"):
         assert (out / "report" / name).stat().st_size > 500
-    evals = list((out / "cells" / grid_after_kill["cells"][0] / "run" / "eval").glob("step-*.json"))
-    assert [p.name for p in evals] == ["step-000006.json"]
+    for cell in grid_after_kill["cells"]:  # during training every 3 steps (eval.every_steps), and at the end
+        evals = sorted(p.name for p in (out / "cells" / cell / "run" / "eval").glob("step-*.json"))
+        assert evals == ["step-000003.json", "step-000006.json"]
 
 
 def test_grid_plan_rejects_an_infeasible_cell_and_a_failed_cell_does_not_stop_others(tmp_path, train_mixture,
