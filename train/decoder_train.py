@@ -291,6 +291,7 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  held-out ({h['pairs']} pairs): pixel MSE to own image {h['matched_mse']:.4f}, "
                      f"to other images {h['mismatched_mse']:.4f} (ratio {h['ratio']:.2f}); "
                      f"nearest is own image {h['retrieval_top1']:.0%} (chance {h['chance']:.0%})")
-    lines.append(f"  wrote {s['output']}/ (decoder.json, backbone/, losses.jsonl, loss.png, heldout.png)")
+    lines.append(f"  wrote {s['output']}/ (decoder.json, backbone/, losses.jsonl, loss.png"
+                 + (", heldout.png, heldout.json)" if "heldout" in s else ")"))
     return "\n".join(lines)
 
