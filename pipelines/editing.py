@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.ingest import Adapter, IngestError, RawRecord
+from pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config
 from pipelines.llava import _parse, read_image_under_root
 from pipelines.sample import Rejected, Sample, image_entry
 from pipelines.tabular import first_row_fields, input_format, plan_rows, read_rows
@@ -62,12 +62,7 @@ class EditingConfig:
     def __post_init__(self):
         if self.layout != "auto" and self.layout not in LAYOUTS:
             raise ValueError(f"layout: expected auto or one of {sorted(LAYOUTS)}, got {self.layout!r}")
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size: expected an integer >= 1, got {self.shard_size}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels: expected an integer >= 1, got {self.max_pixels}")
-        if not self.source or "." in self.source or ":" in self.source:
-            raise ValueError(f"source: expected a name without '.' or ':', got {self.source!r}")
+        check_adapter_config(self)
 
 
 class EditingAdapter(Adapter):

@@ -23,7 +23,27 @@ from typing import Any
 from pipelines.sample import Rejected, Sample
 from pipelines.shards import FORMAT_VERSION, load_manifest, save_json_atomic, shard_name, write_shard
 
-__all__ = ["Adapter", "IngestError", "IngestReport", "RawRecord", "run_ingest", "ingest_shard"]
+__all__ = ["Adapter", "IngestError", "IngestReport", "RawRecord", "check_adapter_config", "file_sha256", "ingest_shard",
+           "run_ingest"]
+
+
+def check_adapter_config(cfg: Any) -> None:
+    """The checks every adapter config shares: shard_size, max_pixels, source name."""
+    if cfg.shard_size < 1:
+        raise ValueError(f"shard_size: expected an integer >= 1, got {cfg.shard_size}")
+    if cfg.max_pixels < 1:
+        raise ValueError(f"max_pixels: expected an integer >= 1, got {cfg.max_pixels}")
+    if not cfg.source or "." in cfg.source or ":" in cfg.source:
+        raise ValueError(f"source: expected a name without '.' or ':', got {cfg.source!r}")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a (possibly large) input file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class IngestError(Exception):

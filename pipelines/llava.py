@@ -9,13 +9,12 @@ with image paths relative to an image root. The i-th `<image>` placeholder is im
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.ingest import Adapter, IngestError, RawRecord
+from pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config, file_sha256
 from pipelines.sample import Rejected, Sample, image_entry, split_placeholders
 
 __all__ = ["LlavaConfig", "LlavaAdapter", "ROLE_MAP", "read_image_under_root"]
@@ -38,12 +37,7 @@ class LlavaConfig:
     """Images with more pixels are quarantined unread (decompression-bomb guard)."""
 
     def __post_init__(self):
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size: expected an integer >= 1, got {self.shard_size}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels: expected an integer >= 1, got {self.max_pixels}")
-        if not self.source or "." in self.source or ":" in self.source:
-            raise ValueError(f"source: expected a name without '.' or ':', got {self.source!r}")
+        check_adapter_config(self)
 
 
 def read_image_under_root(root: Path, rel: Any, field: str) -> bytes:
@@ -56,14 +50,6 @@ def read_image_under_root(root: Path, rel: Any, field: str) -> bytes:
     if not path.is_file():
         raise Rejected("missing_image", f"{field} = {rel!r}: no such file under the image root")
     return path.read_bytes()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class LlavaAdapter(Adapter):
@@ -81,7 +67,7 @@ class LlavaAdapter(Adapter):
             raise IngestError(f"--image-root: {config.image_root!r} is not a folder")
 
     def input_fingerprint(self) -> str:
-        return _file_sha256(self.input)
+        return file_sha256(self.input)
 
     def _is_json_list(self) -> bool:
         with open(self.input, "rb") as f:

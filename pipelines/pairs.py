@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.ingest import Adapter, IngestError, IngestReport, RawRecord, run_ingest
+from pipelines.ingest import Adapter, IngestError, IngestReport, RawRecord, check_adapter_config, file_sha256, run_ingest
 from pipelines.sample import Rejected, Sample, image_entry
 from pipelines.templates import load_templates
 
@@ -85,18 +85,9 @@ class PairsConfig:
                 raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         if self.job_timeout_s <= 0:
             raise ValueError(f"job_timeout_s: expected a positive number of seconds, got {self.job_timeout_s}")
-        if not self.source or "." in self.source or ":" in self.source:
-            raise ValueError(f"source: expected a name without '.' or ':', got {self.source!r}")
+        check_adapter_config(self)
         if not self.url_col or not self.caption_col:
             raise ValueError("url_col, caption_col: expected non-empty column names")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _url_list_rows(cfg: PairsConfig) -> tuple[str, int]:
@@ -222,10 +213,10 @@ class PairsAdapter(Adapter):
 
     def input_fingerprint(self) -> str:
         if Path(self.config.input).is_file():
-            return _file_sha256(Path(self.config.input))
+            return file_sha256(Path(self.config.input))
         h = hashlib.sha256()
         for name in self._shards():
-            h.update(f"{name}:{_file_sha256(self.folder / f'{name}.parquet')}:{(self.folder / f'{name}.tar').stat().st_size}".encode())
+            h.update(f"{name}:{file_sha256(self.folder / f'{name}.parquet')}:{(self.folder / f'{name}.tar').stat().st_size}".encode())
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.frames import FRAME_FORMATS, clip_paths, count_frames, decode_frames
-from pipelines.ingest import Adapter, IngestError, RawRecord
+from pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config
 from pipelines.llava import _messages, _parse  # the LLaVA turn rules, shared so both adapters agree
 from pipelines.sample import Rejected, Sample, image_entry
 from pipelines.tabular import plan_rows, read_rows
@@ -32,14 +32,9 @@ __all__ = ["VideoPredictionConfig", "VideoPredictionAdapter", "VideoQAConfig", "
 
 
 def _check_common(cfg: Any) -> None:
-    if cfg.shard_size < 1:
-        raise ValueError(f"shard_size: expected an integer >= 1, got {cfg.shard_size}")
-    if cfg.max_pixels < 1:
-        raise ValueError(f"max_pixels: expected an integer >= 1, got {cfg.max_pixels}")
+    check_adapter_config(cfg)
     if cfg.frame_format not in FRAME_FORMATS:
         raise ValueError(f"frame_format: expected one of {FRAME_FORMATS}, got {cfg.frame_format!r}")
-    if not cfg.source or "." in cfg.source or ":" in cfg.source:
-        raise ValueError(f"source: expected a name without '.' or ':', got {cfg.source!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
