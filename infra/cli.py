@@ -106,7 +106,7 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", default="demo-out", help="folder for everything the demo writes (default: demo-out)")
     p.add_argument("--quick", action="store_true", help="a shortened demo: less data, fewer steps, the same stages")
     p.add_argument("--samples", type=int, default=None, help="shapes-world LLaVA records to generate (default: 400)")
-    p.add_argument("--train-steps", type=int, default=None, help="VPiT training steps (default: 150)")
+    p.add_argument("--train-steps", type=int, default=None, help="VPiT training steps (default: 250)")
     p.add_argument("--decoder-steps", type=int, default=None, help="diffusion decoder steps (default: 400)")
     p.add_argument("--workers", type=int, default=None, help="Ray workers for ingest (default: 2)")
 

@@ -25,13 +25,13 @@ __all__ = ["DemoConfig", "run_demo"]
 class DemoConfig:
     samples: int = 400
     """Shapes-world LLaVA records (understanding) to generate."""
-    pairs: int = 60
+    pairs: int = 160
     """Captioned images served over localhost for img2dataset (generation)."""
     clips: int = 12
     """Video clips of a moving shape (video prediction and video QA)."""
     edits: int = 40
     """Editing triplets."""
-    train_steps: int = 150
+    train_steps: int = 250
     """Optimizer steps of the demo VPiT model."""
     eval_per_source: int = 32
     """Held-out samples per source that stage 6 evaluates."""

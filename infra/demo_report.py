@@ -99,8 +99,8 @@ def _grid(facts: dict[str, Any]) -> Section:
     metrics = [k for k, _ in heatmaps]
     rows = tuple(tuple(r.get(c, "") for c in axes) + tuple(_num(r.get(m, "")) for m in metrics) for r in g["rows"])
     blocks: list = [
-        Para(f"`{Path(g['grid']).name}`: {len(g['rows'])} cells, each a tiny model trained and evaluated as a Ray "
-             f"task; axes " + " x ".join(f"`{a}` {g['axes'][a]}" for a in axes) + ". Rows of each heatmap are the "
+        Para(f"`{Path(g['grid']).name}`: {len(g['rows'])} cells, each a tiny model trained {g['steps']} steps and "
+             f"evaluated on the held-out split as a Ray task; axes " + " x ".join(f"`{a}` {g['axes'][a]}" for a in axes) + ". Rows of each heatmap are the "
              "first axis, columns the second (MetaMorph's Figure 7 layout)."),
         *[Figure(p, name, 300) for name, p in heatmaps],
     ]
@@ -124,7 +124,7 @@ def _decoder(facts: dict[str, Any]) -> Section:
     return Section("8. Diffusion decoder", (
         Para(text),
         Figure(Path(d["loss_png"]), "decoder training loss (noise-prediction MSE)", 420),
-        Figure(Path(d["heldout_png"]), "held-out images (top) and the decoder's samples from their tokens (bottom)", 640),
+        Figure(Path(d["heldout_png"]), "held-out images (top) and the decoder's samples from their tokens (bottom)", 1000),
     ))
 
 

@@ -76,13 +76,13 @@ class Report:
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;padding:24px;color:#222}
 h1{margin-bottom:4px} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:36px}
-table{border-collapse:collapse;margin:8px 0 16px} th,td{border:1px solid #ddd;padding:3px 9px;text-align:right}
-th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:8px 0 16px} th,td{border:1px solid #ddd;padding:3px 9px;text-align:left}
+th{background:#f4f4f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fa;padding:10px;overflow-x:auto;font-size:13px}
 code{background:#f0f0f0;padding:0 3px}
 figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top} figcaption{font-size:13px;color:#555;max-width:480px}
 img{image-rendering:pixelated;border:1px solid #ccc}
-.gallery td{text-align:center;vertical-align:top} .gallery td.prompt{text-align:left;max-width:300px}
+.gallery td,.gallery th{text-align:center;vertical-align:top} .gallery td.prompt,.gallery th:first-child{text-align:left;max-width:300px}
 .note{font-size:12px;color:#666}
 """
 
@@ -97,6 +97,15 @@ def _code(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def _num_class(value: object) -> str:
+    """Numbers are right-aligned, text left."""
+    try:
+        float(str(value).replace(",", "").rstrip("x%"))
+    except ValueError:
+        return ""
+    return ' class="n"'
+
+
 def _html_block(b: Block, root: Path) -> str:
     if isinstance(b, Para):
         return f"<p>{_code(b.text)}</p>"
@@ -104,7 +113,8 @@ def _html_block(b: Block, root: Path) -> str:
         return f"<pre>{html.escape(b.text)}</pre>"
     if isinstance(b, Table):
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.head)
-        rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in b.rows)
+        rows = "".join("<tr>" + "".join(f"<td{_num_class(c)}>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                       for r in b.rows)
         return f"<table><tr>{head}</tr>{rows}</table>"
     if isinstance(b, Figure):
         return (f'<figure><img src="{html.escape(_rel(b.path, root))}" alt="{html.escape(b.caption)}" '

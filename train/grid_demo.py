@@ -5,14 +5,15 @@ includes the demo spec, a training YAML for a tiny model, the grid YAML) under O
 runs every cell as a Ray task (train + evaluate on the held-out split) and writes the
 report: results table, one heatmap per metric (MetaMorph's Figure 7 layout) and the
 understanding-vs-generation correlation plot. The axis values are a quarter and all of each
-group's planned amount, so the cells differ four-fold in what they see of each kind.
+group's planned amount, so the cells differ four-fold in what they hold of each kind.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 __all__ = ["grid_stage", "write_demo_grid"]
 
@@ -26,9 +27,8 @@ def write_demo_grid(out: Path, *, steps: int, understanding: list[int], generati
     root.mkdir(parents=True, exist_ok=True)
     plan = make_plan(load_spec(Path(out) / "mixtures" / "demo.yaml"))
     (root / "base.yaml").write_text(
-        "# The demo mixture; every cell sets its own understanding and generation counts.\n"
-        "# Repetition is allowed so every cell can train the same number of steps.\n"
-        "include: ../mixtures/demo.yaml\nrepetition: allow\n", encoding="utf-8")
+        "# The demo mixture (held-out split included); every cell sets its own understanding and generation counts.\n"
+        "include: ../mixtures/demo.yaml\n", encoding="utf-8")
     (root / "train.yaml").write_text("\n".join([
         "# A tiny VPiT model for the demo grid; each cell trains it for the same number of steps.",
         "output_dir: unused   # each cell sets its own",
@@ -44,11 +44,12 @@ def write_demo_grid(out: Path, *, steps: int, understanding: list[int], generati
             "resources": {"num_cpus": 1}}
     path = root / "grid.yaml"
     path.write_text("# Written by `vpit demo`; re-run with: vpit grid run THIS (finished cells are skipped)\n"
-                    + json.dumps(grid, indent=1) + "\n", encoding="utf-8")
+                    + yaml.safe_dump(grid, sort_keys=False, default_flow_style=None), encoding="utf-8")
     return path
 
 
-def grid_stage(out: str | Path, *, steps: int = 30, ray_address: str | None = None) -> dict[str, Any]:
+def grid_stage(out: str | Path, *, steps: int = 30, micro_batch: int = 8,
+               ray_address: str | None = None) -> dict[str, Any]:
     """Write, plan, run and report the demo grid; return the report's files and results rows."""
     from mixtures import load_spec, make_plan
     from train.grid import collect_rows, run_grid
@@ -58,9 +59,15 @@ def grid_stage(out: str | Path, *, steps: int = 30, ray_address: str | None = No
     out = Path(out)
     groups = dict(make_plan(load_spec(out / "mixtures" / "demo.yaml")).groups)
     u, g = groups["understanding"], groups["generation"]
-    path = write_demo_grid(out, steps=steps, understanding=[max(1, u // 4), u], generation=[max(1, g // 4), g])
+    axes = {"understanding": [max(1, u // 4), u], "generation": [max(1, g // 4), g]}
+    # Every cell trains the same number of steps, at most one pass over the smallest cell's mixture
+    # (nothing repeats), so the cells differ in what their batches hold, not in compute.
+    smallest = min(u_n + g_n + sum(n for k, n in groups.items() if k not in ("understanding", "generation"))
+                   for u_n in axes["understanding"] for g_n in axes["generation"])
+    steps = max(1, min(steps, smallest // micro_batch))
+    path = write_demo_grid(out, steps=steps, micro_batch=micro_batch, **axes)
     spec = load_grid(path)
-    print(f"    wrote {path} (+ base.yaml, train.yaml)\n    vpit grid run {path}")
+    print(f"    wrote {path} (+ base.yaml, train.yaml: {steps} steps of {micro_batch} per cell)\n    vpit grid run {path}")
     for cell in expand(spec):  # an infeasible cell fails here, before anything trains
         plan = make_plan(load_spec(spec.base, cell.overrides))
         print(f"      {cell.id:<56} {plan.total:>5} samples  plan {plan.hash}")
@@ -77,5 +84,5 @@ def grid_stage(out: str | Path, *, steps: int = 30, ray_address: str | None = No
         print("    " + "".join(f"{r[a]:>15}" for a in spec.axes)
               + "".join(f"{r[m]:>13.3f}" if isinstance(r.get(m), float) else f"{'-':>13}" for m in metrics))
     print(f"    report {files['markdown']} ({sum(1 for k in files if k.startswith('heatmap:'))} heatmaps)")
-    return {"grid": str(path), "out": str(grid_out), "axes": {a: list(v) for a, v in spec.axes.items()},
+    return {"grid": str(path), "out": str(grid_out), "steps": steps, "axes": {a: list(v) for a, v in spec.axes.items()},
             "rows": rows, "failed": failed, "files": {k: str(v) for k, v in files.items()}}

@@ -70,6 +70,9 @@ def test_grid_decoder_and_gallery(quick_demo):
     assert heat["rows"]["values"] == [str(u // 4), str(u)] and heat["columns"]["values"] == [str(g // 4), str(g)]
     assert np.isfinite(np.array(heat["metrics"]["generation/cosine"], float)).all()
     assert Path(grid["files"]["correlation"]).stat().st_size > 1000
+    for cell in (Path(grid["out"]) / "cells").iterdir():  # the same compute in every cell
+        steps = [json.loads(line)["step"] for line in (cell / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, grid["steps"] + 1)), cell.name
 
     dec = facts["decoder"]["heldout"]
     assert dec["matched_mse"] < dec["mismatched_mse"]  # the conditioning carries the image
