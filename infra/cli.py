@@ -100,7 +100,7 @@ def _build_demo(p: argparse.ArgumentParser) -> None:
         "Run the whole pipeline on generated shapes-world data, in nine stages: generate raw data of all four "
         "kinds, ingest, precompute visual tokens, plan a mixture, train a tiny VPiT model, evaluate it on the "
         "held-out split, run a 2x2 mixture grid on Ray, train the diffusion decoder, and generate images from "
-        "unseen prompts. About 5 minutes on a 2-core CPU (--quick: about 2). Writes OUTPUT/report.html (and "
+        "unseen prompts. About 4 minutes on a 2-core CPU (--quick: about 2). Writes OUTPUT/report.html (and "
         "report.md) with the ingest counts, the mixture plan, loss curves, metrics, grid heatmaps and a gallery."
     )
     p.add_argument("--output", "-o", default="demo-out", help="folder for everything the demo writes (default: demo-out)")
