@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -32,22 +32,22 @@ class DistInfo:
         return self.device.type == "cuda"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> DistInfo:
     """Join the process group that `deepspeed`/`torchrun` set up, or make a world of one."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # run directly: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     on_gpu = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {}
+    if "RANK" not in os.environ:  # run directly: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        # Rendezvous through a private file, not a TCP port: a "free" port picked here can be
+        # taken by another process (Ray, a parallel grid cell) before the store binds it.
+        fd, path = tempfile.mkstemp(prefix="vpit-rendezvous-")
+        os.close(fd)
+        os.unlink(path)
+        kwargs = {"init_method": f"file://{path}", "rank": 0, "world_size": 1}
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, **kwargs)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if on_gpu:
         torch.cuda.set_device(local)

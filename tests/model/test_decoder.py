@@ -240,8 +240,8 @@ def test_deepspeed_zero3_at_world_size_2_matches_the_plain_loop(cached_dataset, 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + os.getpid() % 1000), "-m", "infra.cli", *common, "--set=batch_size=4",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "infra.cli", *common, "--set=batch_size=4",
                            "-o", str(tmp_path / "ds")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(deepspeed, world size 2)" in proc.stdout

@@ -44,21 +44,14 @@ def run_vpit(args: list[str], nproc: int = 1, timeout: int = 300, **popen) -> su
     """`vpit ARGS` in a subprocess; with nproc > 1 under torchrun (gloo, one thread per rank)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "infra.cli", *args]
+        # --standalone: the rendezvous store binds port 0 itself, so no race for a "free" port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "infra.cli", *args]
     else:
         cmd = [sys.executable, "-m", "infra.cli", *args]
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, **popen)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
