@@ -33,6 +33,8 @@ from train.grid_spec import Cell, GridSpec, expand
 __all__ = ["GridRun", "collect_rows", "run_grid", "train_and_eval_cell"]
 
 REPO = Path(__file__).resolve().parents[1]
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+            "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 @dataclasses.dataclass
@@ -58,7 +60,9 @@ def _last_line(text: str) -> str:
 
 
 def _cell_env(num_gpus: float) -> dict[str, str]:
-    env = dict(os.environ)
+    # A cell is its own world: never inherit the rendezvous of a process that launched us
+    # (a trainer that ran in this process leaves RANK/WORLD_SIZE behind for DeepSpeed).
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

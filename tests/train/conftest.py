@@ -42,7 +42,11 @@ def bpe_tokenizer(tmp_path_factory) -> str:
 
 def run_vpit(args: list[str], nproc: int = 1, timeout: int = 300, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
     """`vpit ARGS` in a subprocess; with nproc > 1 under torchrun (gloo, one thread per rank)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    from train.grid import DIST_ENV
+
+    # never inherit a rendezvous left in os.environ by a trainer that ran inside the test process
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     if nproc > 1:
         # --standalone: the rendezvous store binds port 0 itself, so no race for a "free" port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

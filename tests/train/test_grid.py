@@ -43,7 +43,10 @@ save_every: 2
 
 
 def _vpit(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    from train.grid import DIST_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return [sys.executable, "-m", "infra.cli", *args], env
 
 
