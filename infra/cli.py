@@ -220,13 +220,13 @@ def _build_generate(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from model.chat_template import get_template, stop_ids
     from model.generate import encode_prompt, generate, render_generation, save_images
     from train.export import load_any
 
     model, tok = load_any(args.checkpoint)
     ids, vis = encode_prompt(model, tok, [{"role": "user", "content": [{"text": args.prompt}]}])
-    stops = tuple(i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
-                              tok.convert_tokens_to_ids("<|eot_id|>")) if isinstance(i, int) and i >= 0)
+    stops = stop_ids(tok, get_template(model.config.chat_template))
     gen = generate(model, ids, vis, max_new_tokens=args.max_new_tokens, stop_ids=stops, force_image=args.image)
     paths = save_images(gen, args.output)
     print(render_generation(gen, tok, paths))

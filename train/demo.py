@@ -32,6 +32,7 @@ def _ensure_caches(out: Path) -> Path:
 
 def train_stage(out: str | Path, steps: int = 150, micro_batch: int = 8) -> dict:
     from mixtures import load_spec, make_plan
+    from model.chat_template import get_template, stop_ids
     from model.generate import encode_prompt, generate, render_generation, save_images
     from train.config import load_train_config
     from train.export import export_checkpoint, load_any
@@ -73,7 +74,7 @@ def train_stage(out: str | Path, steps: int = 150, micro_batch: int = 8) -> dict
     model, tok = load_any(export)
     caption = "a red circle in the top left on a white background"
     ids, vis = encode_prompt(model, tok, [{"role": "user", "content": [{"text": f"Generate an image of {caption}"}]}])
-    gen = generate(model, ids, vis, max_new_tokens=80, stop_ids=(tok.convert_tokens_to_ids("<|im_end|>"),))
+    gen = generate(model, ids, vis, max_new_tokens=80, stop_ids=stop_ids(tok, get_template(model.config.chat_template)))
     paths = save_images(gen, out / "train" / "generated")
     print(f"\n    exported to {export}\n    vpit generate {export} --prompt 'Generate an image of {caption}':\n"
           f"    {render_generation(gen, tok, paths)!r}")

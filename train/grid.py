@@ -106,7 +106,7 @@ def collect_rows(out: Path, spec: GridSpec) -> tuple[list[dict[str, Any]], list[
         if (d / "result.json").is_file():
             rows.append(json.loads((d / "result.json").read_text()))
         elif (d / "error.txt").is_file():
-            failed.append({"cell": cell.id, "error": (d / "error.txt").read_text().strip().splitlines()[-1:]})
+            failed.append({"cell": cell.id, "error": _last_line((d / "error.txt").read_text(errors="replace"))})
     return rows, failed
 
 
