@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -33,13 +30,20 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from model.build import ModelConfig, build_model
-    from model.generate import generate
+    from vpit.model.build import ModelConfig, build_model
+    from vpit.model.generate import generate
 
     torch.manual_seed(0)
-    cfg = ModelConfig(tokenizer="qwen2.5", chat_template="chatml", vision_dim=args.vision_dim,
-                      num_visual_tokens=args.tokens, hidden_size=args.hidden, num_layers=args.layers,
-                      num_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
+    cfg = ModelConfig(
+        tokenizer="qwen2.5",
+        chat_template="chatml",
+        vision_dim=args.vision_dim,
+        num_visual_tokens=args.tokens,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=max(1, args.hidden // 64),
+        intermediate_size=4 * args.hidden,
+    )
     model, _ = build_model(cfg)
     model.eval()
     ids = torch.randint(0, 150000, (1, args.prompt))
@@ -58,8 +62,10 @@ def main() -> None:
     t_cache, a = best(True)
     t_full, b = best(False)
     err = float(np.abs(a.images[0] - b.images[0]).max())
-    print(f"model: hidden {args.hidden}, {args.layers} layers; prompt {args.prompt} tokens; "
-          f"{args.tokens} visual tokens of {args.vision_dim}; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: hidden {args.hidden}, {args.layers} layers; prompt {args.prompt} tokens; "
+        f"{args.tokens} visual tokens of {args.vision_dim}; torch threads {torch.get_num_threads()}"
+    )
     print(f"recompute every token (MetaMorph baseline): {t_full:.3f}s  ({args.tokens / t_full:.0f} visual tokens/s)")
     print(f"KV cache (ours):                            {t_cache:.3f}s  ({args.tokens / t_cache:.0f} visual tokens/s)")
     print(f"speed-up: {t_full / t_cache:.1f}x   max |difference| of the tokens: {err:.1e} (must be < 1e-5)")

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.ingest import ingest_shard, init_ray, run_ingest
-from pipelines.llava import LlavaAdapter, LlavaConfig
-from pipelines.shapes_world import write_llava_dataset
+from vpit.demo.corpora import write_llava_dataset
+from vpit.pipelines.ingest import ingest_shard, init_ray, run_ingest
+from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
 
 
 def main() -> None:
@@ -28,7 +28,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vpit-bench-ingest-"))
     try:
         info = write_llava_dataset(tmp / "raw", args.samples, seed=0, size=128)
-        cfg = LlavaConfig(input=str(info["jsonl"]), image_root=str(tmp / "raw"), source="bench", shard_size=args.shard_size)
+        cfg = LlavaConfig(
+            input=str(info["jsonl"]), image_root=str(tmp / "raw"), source="bench", shard_size=args.shard_size
+        )
         adapter = LlavaAdapter(cfg)
         init_ray(None)  # start Ray before timing: a cluster is up before a real job starts
 
@@ -46,7 +48,10 @@ def main() -> None:
         print(f"samples               {args.samples} ({args.shard_size} per shard, 128px images)")
         print(f"plain loop, 1 process {plain:8.0f} samples/s")
         print(f"ray ingest, 1 worker  {rates[1]:8.0f} samples/s   {rates[1] / plain:.2f}x plain")
-        print(f"ray ingest, 2 workers {rates[2]:8.0f} samples/s   {rates[2] / plain:.2f}x plain, {rates[2] / rates[1]:.2f}x 1 worker")
+        print(
+            f"ray ingest, 2 workers {rates[2]:8.0f} samples/s   {rates[2] / plain:.2f}x plain, "
+            f"{rates[2] / rates[1]:.2f}x 1 worker"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

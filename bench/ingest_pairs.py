@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.ingest import init_ray
-from pipelines.pairs import PairsConfig, ingest_pairs
-from pipelines.shapes_world import serve_http, write_pairs
+from vpit.common import init_ray
+from vpit.demo.corpora import serve_http, write_pairs
+from vpit.pipelines.pairs import PairsConfig, ingest_pairs
 
 
 def main() -> None:
@@ -40,14 +40,40 @@ def main() -> None:
             init_ray(None)
 
             t = time.perf_counter()
-            subprocess.run([
-                str(Path(sys.executable).with_name("img2dataset")), "--url_list", str(info["url_list"]),
-                "--output_folder", str(tmp / "bare"), "--output_format", "webdataset", "--input_format", "parquet",
-                "--url_col", "url", "--caption_col", "caption", "--processes_count", "1",
-                "--thread_count", str(args.threads), "--number_sample_per_shard", str(args.shard_size),
-                "--disable_all_reencoding", "True", "--resize_mode", "no", "--extract_exif", "False",
-                "--enable_wandb", "False",
-            ], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("img2dataset")),
+                    "--url_list",
+                    str(info["url_list"]),
+                    "--output_folder",
+                    str(tmp / "bare"),
+                    "--output_format",
+                    "webdataset",
+                    "--input_format",
+                    "parquet",
+                    "--url_col",
+                    "url",
+                    "--caption_col",
+                    "caption",
+                    "--processes_count",
+                    "1",
+                    "--thread_count",
+                    str(args.threads),
+                    "--number_sample_per_shard",
+                    str(args.shard_size),
+                    "--disable_all_reencoding",
+                    "True",
+                    "--resize_mode",
+                    "no",
+                    "--extract_exif",
+                    "False",
+                    "--enable_wandb",
+                    "False",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             bare_s = time.perf_counter() - t
 
             cfg = PairsConfig(input=str(info["url_list"]), shard_size=args.shard_size, threads=args.threads)
@@ -56,15 +82,21 @@ def main() -> None:
             vpit_s = time.perf_counter() - t
 
         t = time.perf_counter()
-        ingest_pairs(PairsConfig(input=str(tmp / "bare"), shard_size=args.shard_size), tmp / "convert",
-                     workers=args.workers, progress=False)
+        ingest_pairs(
+            PairsConfig(input=str(tmp / "bare"), shard_size=args.shard_size),
+            tmp / "convert",
+            workers=args.workers,
+            progress=False,
+        )
         convert_s = time.perf_counter() - t
 
         n = report.samples
         assert n == args.pairs == stats["successes"], (n, stats)
         bare, vpit, convert = n / bare_s, n / vpit_s, n / convert_s
-        print(f"pairs                    {n} (128px images, {args.shard_size} per shard, {args.threads} threads, "
-              f"{args.workers} Ray workers)")
+        print(
+            f"pairs                    {n} (128px images, {args.shard_size} per shard, {args.threads} threads, "
+            f"{args.workers} Ray workers)"
+        )
         print(f"bare img2dataset         {bare:8.1f} samples/s  ({bare_s:.1f}s)")
         print(f"vpit ingest pairs        {vpit:8.1f} samples/s  ({vpit_s:.1f}s)   {vpit / bare:.2f}x bare img2dataset")
         print(f"  conversion alone       {convert:8.1f} samples/s  ({convert_s:.1f}s)   (existing img2dataset folder)")

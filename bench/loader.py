@@ -20,38 +20,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def prepare(data: Path, samples: int) -> tuple[Path, Path, str]:
     """Raw LLaVA data -> shards (Ray ingest) -> tiny-SigLIP token cache. Idempotent: a re-run reuses it."""
-    from model.encoder import EncoderConfig
-    from pipelines.ingest import run_ingest
-    from pipelines.llava import LlavaAdapter, LlavaConfig
-    from pipelines.precompute import PrecomputeConfig, run_precompute
-    from pipelines.shapes_world import write_llava_dataset
+    from vpit.demo.corpora import write_llava_dataset
+    from vpit.model.encoder import EncoderConfig
+    from vpit.pipelines.ingest import run_ingest
+    from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
+    from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
 
     raw = data / "raw"
     if not (raw / "data.jsonl").exists():
         write_llava_dataset(raw, samples, seed=0)
-    adapter = LlavaAdapter(LlavaConfig(input=str(raw / "data.jsonl"), image_root=str(raw), source="shapes",
-                                       shard_size=250, max_pixels=4_000_000))
+    adapter = LlavaAdapter(
+        LlavaConfig(
+            input=str(raw / "data.jsonl"), image_root=str(raw), source="shapes", shard_size=250, max_pixels=4_000_000
+        )
+    )
     run_ingest(adapter, data / "shards", workers=2, progress=False)
-    report = run_precompute(data / "shards", EncoderConfig(encoder="tiny"), PrecomputeConfig(batch_size=64),
-                            progress=False)
+    report = run_precompute(
+        data / "shards", EncoderConfig(encoder="tiny"), PrecomputeConfig(batch_size=64), progress=False
+    )
     return raw, data / "shards", report.fingerprint
 
 
 def mixed(spec: Path, batch_size: int, workers: int) -> int:
     import torch
 
-    from mixtures import MixtureStream, load_spec, make_plan
+    from vpit.mixtures import MixtureStream, load_spec, make_plan
 
     plan = make_plan(load_spec(spec))
     stream = MixtureStream(plan, global_batch_size=batch_size)
@@ -76,7 +78,7 @@ def webdataset_read(tars: list[str]) -> int:
 def llava_style(raw: Path, encoder) -> int:
     import torch
 
-    from model.encoder import decode_image
+    from vpit.model.encoder import decode_image
 
     records = [json.loads(line) for line in (raw / "data.jsonl").read_text().splitlines() if line]  # all in memory
     n = 0
@@ -111,8 +113,8 @@ def main() -> None:
 
     import torch
 
-    from model.encoder import EncoderConfig, tiny_encoder
-    from pipelines.shards import Dataset
+    from vpit.model.encoder import EncoderConfig, tiny_encoder
+    from vpit.pipelines.shards import Dataset
 
     torch.set_num_threads(1)  # one core per loader, as a DataLoader worker would have
     data = Path(args.data)
@@ -120,10 +122,12 @@ def main() -> None:
     ds = Dataset(shards)
     kinds = ds.manifest["kinds"]
     spec = data / "bench.yaml"
-    spec.write_text(f"seed: 0\ncache: {fp}\nsources:\n"
-                    f"  vqa: {{path: shards, group: understanding, kind: understanding}}\n"
-                    f"  chat: {{path: shards, group: text, kind: text}}\n"
-                    f"groups:\n  understanding: {kinds['understanding']}\n  text: {kinds['text']}\n")
+    spec.write_text(
+        f"seed: 0\ncache: {fp}\nsources:\n"
+        f"  vqa: {{path: shards, group: understanding, kind: understanding}}\n"
+        f"  chat: {{path: shards, group: text, kind: text}}\n"
+        f"groups:\n  understanding: {kinds['understanding']}\n  text: {kinds['text']}\n"
+    )
     total = len(ds)
     encoder = tiny_encoder(EncoderConfig(encoder="tiny"))
 
@@ -132,8 +136,10 @@ def main() -> None:
     t_llava, n_llava = timed(lambda: llava_style(raw, encoder), max(1, args.repeats - 2))
     assert n_wds == n_mix == total, (n_wds, n_mix, total)
     rate = {"mixed": n_mix / t_mix, "webdataset": n_wds / t_wds, "llava": n_llava / t_llava}
-    print(f"{total} samples ({', '.join(f'{k} {v}' for k, v in kinds.items())}) in {len(ds.shards)} shards, "
-          f"token cache {fp}; mixed loader: global batch {args.batch_size}, {args.workers} DataLoader workers")
+    print(
+        f"{total} samples ({', '.join(f'{k} {v}' for k, v in kinds.items())}) in {len(ds.shards)} shards, "
+        f"token cache {fp}; mixed loader: global batch {args.batch_size}, {args.workers} DataLoader workers"
+    )
     print(f"  mixed loader (records + cached tokens)   {rate['mixed']:>9.0f} samples/s")
     print(f"  webdataset sequential read (I/O limit)   {rate['webdataset']:>9.0f} samples/s")
     print(f"  llava-style (decode + encoder per sample){rate['llava']:>9.0f} samples/s")

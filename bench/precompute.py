@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,10 +29,16 @@ def _bench_encoder(folder: Path) -> None:
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from model.encoder import tiny_processor
+    from vpit.model.encoder import tiny_processor
 
-    vc = SiglipVisionConfig(image_size=224, patch_size=16, hidden_size=384, intermediate_size=1536,
-                            num_hidden_layers=6, num_attention_heads=6)
+    vc = SiglipVisionConfig(
+        image_size=224,
+        patch_size=16,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+    )
     torch.manual_seed(0)
     SiglipVisionModel(vc).save_pretrained(folder)
     tiny_processor(224).save_pretrained(folder)
@@ -42,9 +46,9 @@ def _bench_encoder(folder: Path) -> None:
 
 def _decoded_chunks(encoder, dataset: Path, batch_size: int) -> list:
     """Every image decoded and preprocessed, chunked exactly as the pipeline chunks them."""
-    from model.encoder import decode_image
-    from pipelines.precompute import plan_shard
-    from pipelines.shards import Dataset
+    from vpit.model.encoder import decode_image
+    from vpit.pipelines.precompute import plan_shard
+    from vpit.pipelines.shards import Dataset
 
     chunks = []
     for shard in Dataset(dataset).shards:
@@ -54,7 +58,7 @@ def _decoded_chunks(encoder, dataset: Path, batch_size: int) -> list:
             for off, size in spans:
                 f.seek(off)
                 images.append(decode_image(f.read(size)))
-        chunks += [encoder.preprocess(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        chunks += [encoder.preprocess(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     return chunks
 
 
@@ -64,7 +68,7 @@ def _bare_loop(config_dict: dict, chunks: list) -> tuple[float, int]:
     setup (Ray gives workers their own session, which the kernel schedules as its own group)."""
     import torch
 
-    from model.encoder import EncoderConfig, load_encoder
+    from vpit.model.encoder import EncoderConfig, load_encoder
 
     torch.set_num_threads(1)
     encoder = load_encoder(EncoderConfig(**config_dict))
@@ -86,18 +90,26 @@ def main() -> None:
 
     import ray
 
-    from model.encoder import EncoderConfig, load_encoder
-    from pipelines.ingest import init_ray, run_ingest
-    from pipelines.llava import LlavaAdapter, LlavaConfig
-    from pipelines.precompute import PrecomputeConfig, run_precompute
-    from pipelines.shapes_world import write_llava_dataset
+    from vpit.common import init_ray
+    from vpit.demo.corpora import write_llava_dataset
+    from vpit.model.encoder import EncoderConfig, load_encoder
+    from vpit.pipelines.ingest import run_ingest
+    from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
+    from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
 
     with tempfile.TemporaryDirectory(prefix="vpit-bench-precompute-") as tmp:
         tmp = Path(tmp)
         _bench_encoder(tmp / "encoder")
         info = write_llava_dataset(tmp / "raw", args.images, seed=0, size=256)
-        adapter = LlavaAdapter(LlavaConfig(input=str(info["jsonl"]), image_root=str(tmp / "raw"), source="bench",
-                                           shard_size=max(1, args.images // 4), max_pixels=4_000_000))
+        adapter = LlavaAdapter(
+            LlavaConfig(
+                input=str(info["jsonl"]),
+                image_root=str(tmp / "raw"),
+                source="bench",
+                shard_size=max(1, args.images // 4),
+                max_pixels=4_000_000,
+            )
+        )
         init_ray(None)
         run_ingest(adapter, tmp / "ds", progress=False)
         cfg = EncoderConfig(encoder=str(tmp / "encoder"), dtype=args.dtype)
@@ -105,8 +117,9 @@ def main() -> None:
         chunks = ray.put(_decoded_chunks(load_encoder(cfg), tmp / "ds", args.batch_size))
         bare_task = ray.remote(num_cpus=1)(_bare_loop)
         bare_before, n = ray.get(bare_task.remote(dataclasses.asdict(cfg), chunks))
-        report = run_precompute(tmp / "ds", cfg, PrecomputeConfig(batch_size=args.batch_size, actors=1, actor_cpus=1),
-                                progress=False)
+        report = run_precompute(
+            tmp / "ds", cfg, PrecomputeConfig(batch_size=args.batch_size, actors=1, actor_cpus=1), progress=False
+        )
         bare_after, _ = ray.get(bare_task.remote(dataclasses.asdict(cfg), chunks))
         bare = (bare_before + bare_after) / 2
 
@@ -114,11 +127,15 @@ def main() -> None:
         print(f"encoder      SigLIP 224px/16, width 384, 6 layers; m={report.m}, d={report.dim}, {report.dtype}")
         print(f"images       {report.images} (batch {args.batch_size}, 1 actor, 1 torch thread each side)")
         print(f"bare loop    {bare:.1f} images/s  (before {bare_before:.1f}, after {bare_after:.1f}; {n} images)")
-        print(f"pipeline     {report.steady_images_per_s:.1f} images/s once the first chunk is out; "
-              f"{report.images_per_s:.1f} images/s with actor start")
+        print(
+            f"pipeline     {report.steady_images_per_s:.1f} images/s once the first chunk is out; "
+            f"{report.images_per_s:.1f} images/s with actor start"
+        )
         print(f"efficiency   {report.steady_images_per_s / bare:.2f}  (pipeline / bare loop; goal >= 0.85)")
-        print(f"cache        {per_image:.0f} bytes per image ({report.m} x {report.dim} x 2 = "
-              f"{report.m * report.dim * 2} payload + offsets, headers, markers)")
+        print(
+            f"cache        {per_image:.0f} bytes per image ({report.m} x {report.dim} x 2 = "
+            f"{report.m * report.dim * 2} payload + offsets, headers, markers)"
+        )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ import dataclasses
 import itertools
 import os
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,26 +46,42 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.loader import prepare
-    from model.build import ModelConfig
-    from train.config import DataConfig, TrainConfig
-    from train.data import MixtureSource
-    from train.run_log import read_metrics
-    from train.trainer import Trainer
+    from vpit.model.build import ModelConfig
+    from vpit.train.config import DataConfig, TrainConfig
+    from vpit.train.data import MixtureSource
+    from vpit.train.run_log import read_metrics
+    from vpit.train.trainer import Trainer
 
     data = Path(args.data).resolve()
     _, shards, fp = prepare(data, args.samples)
     spec = data / "train_step.yaml"
-    spec.write_text(f"seed: 0\ncache: {fp}\nrepetition: allow\nsources:\n"
-                    f"  vqa: {{path: {shards}, group: understanding, kind: understanding}}\n"
-                    f"  chat: {{path: {shards}, group: understanding, kind: text}}\n"
-                    f"groups:\n  understanding: {args.micro_batch * (args.steps + 2)}\n")
+    spec.write_text(
+        f"seed: 0\ncache: {fp}\nrepetition: allow\nsources:\n"
+        f"  vqa: {{path: {shards}, group: understanding, kind: understanding}}\n"
+        f"  chat: {{path: {shards}, group: understanding, kind: text}}\n"
+        f"groups:\n  understanding: {args.micro_batch * (args.steps + 2)}\n"
+    )
     probe = MixtureSource(str(spec), {}, args.micro_batch)
     m, d = probe.token_shape
-    model = ModelConfig(tokenizer="qwen2.5", chat_template="chatml", vision_dim=d, num_visual_tokens=m,
-                        hidden_size=args.hidden, num_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden)
-    base = TrainConfig(output_dir=str(data / "run-loader"), model=model, micro_batch_size=args.micro_batch,
-                       max_steps=args.steps, lr=1e-4, lr_reference_batch=args.micro_batch, save_every=10**6,
-                       data=DataConfig(mixture=str(spec), max_len=2048, num_workers=args.workers))
+    model = ModelConfig(
+        tokenizer="qwen2.5",
+        chat_template="chatml",
+        vision_dim=d,
+        num_visual_tokens=m,
+        hidden_size=args.hidden,
+        num_heads=max(1, args.hidden // 64),
+        intermediate_size=4 * args.hidden,
+    )
+    base = TrainConfig(
+        output_dir=str(data / "run-loader"),
+        model=model,
+        micro_batch_size=args.micro_batch,
+        max_steps=args.steps,
+        lr=1e-4,
+        lr_reference_batch=args.micro_batch,
+        save_every=10**6,
+        data=DataConfig(mixture=str(spec), max_len=2048, num_workers=args.workers),
+    )
     results, source = {}, None
     for name in ("loader", "in-memory"):
         cfg = dataclasses.replace(base, output_dir=str(data / f"run-{name}"))
@@ -77,17 +91,24 @@ def main() -> None:
         if source is None:  # the baseline: the loader's first batch, held in memory
             source = HeldBatch(next(trainer.source.batches(0, 0, 1, trainer.collate, 0)), trainer.source.plan_hash)
         rows = read_metrics(cfg.output_dir)[3:]  # skip warm-up steps
-        results[name] = (sum(r["step_s"] for r in rows) / len(rows), sum(r["data_s"] for r in rows) / len(rows),
-                         sum(r["tokens"] for r in rows) / len(rows))
+        results[name] = (
+            sum(r["step_s"] for r in rows) / len(rows),
+            sum(r["data_s"] for r in rows) / len(rows),
+            sum(r["tokens"] for r in rows) / len(rows),
+        )
     (t_load, wait_load, tok_load), (t_mem, _, tok_mem) = results["loader"], results["in-memory"]
     print(f"\nmodel hidden {args.hidden}, {args.micro_batch} samples/step, {args.workers} loader worker(s)")
     print(f"in-memory batch:  {t_mem * 1000:7.1f} ms/step  ({tok_mem:.0f} tokens/step)")
-    print(f"mixture loader:   {t_load * 1000:7.1f} ms/step  ({tok_load:.0f} tokens/step), "
-          f"of which waiting for data {wait_load * 1000:.1f} ms")
+    print(
+        f"mixture loader:   {t_load * 1000:7.1f} ms/step  ({tok_load:.0f} tokens/step), "
+        f"of which waiting for data {wait_load * 1000:.1f} ms"
+    )
     stall = wait_load / t_load
-    print(f"loader stall: {100 * stall:.1f}% of the step waiting for data (goal < 5%); "
-          f"step-time ratio loader / in-memory = {t_load / t_mem:.2f} (per-token: "
-          f"{(t_load / tok_load) / (t_mem / tok_mem):.2f})")
+    print(
+        f"loader stall: {100 * stall:.1f}% of the step waiting for data (goal < 5%); "
+        f"step-time ratio loader / in-memory = {t_load / t_mem:.2f} (per-token: "
+        f"{(t_load / tok_load) / (t_mem / tok_mem):.2f})"
+    )
 
 
 if __name__ == "__main__":

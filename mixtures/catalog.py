@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.shards import load_manifest
+from vpit.errors import ConfigError
+from vpit.pipelines.shards import load_manifest
 
 __all__ = ["Catalog", "RecordReader", "build_catalog", "is_heldout"]
 
@@ -73,8 +74,9 @@ def is_heldout(sample_id: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
-def build_catalog(root: str | Path, kind: str | None, where: str, heldout: float = 0.0,
-                  split: str = "train") -> Catalog:
+def build_catalog(
+    root: str | Path, kind: str | None, where: str, heldout: float = 0.0, split: str = "train"
+) -> Catalog:
     """The catalog of dataset `root` filtered to `kind`. Errors name `where` (e.g. sources.vqa.path).
 
     With `heldout` > 0 the samples whose id hashes below it are left out (split "train") or
@@ -84,17 +86,22 @@ def build_catalog(root: str | Path, kind: str | None, where: str, heldout: float
     manifest = load_manifest(root) if root.is_dir() else None
     if manifest is None:
         why = "does not exist" if not root.exists() else "holds no manifest.json"
-        raise ValueError(f"{where}: {root} {why}; point it at a dataset folder written by vpit ingest")
+        raise ConfigError(f"{where}: {root} {why}; point it at a dataset folder written by vpit ingest")
     if not manifest.get("complete", True):
-        raise ValueError(f"{where}: {root} is only partly ingested ({len(manifest['shards'])} of "
-                         f"{manifest.get('shards_planned')} shards); re-run its vpit ingest command to finish it")
+        raise ConfigError(
+            f"{where}: {root} is only partly ingested ({len(manifest['shards'])} of "
+            f"{manifest.get('shards_planned')} shards); re-run its vpit ingest command to finish it"
+        )
     counts, picks = [], {}
     for i, shard in enumerate(manifest["shards"]):
         n_kind = shard["samples"] if kind is None else shard["kinds"].get(kind, 0)
         if heldout > 0 and n_kind > 0:
             entries = _read_index(root, shard["name"])["samples"]
-            keep = [p for p, e in enumerate(entries) if (kind is None or e["kind"] == kind)
-                    and is_heldout(e["id"], heldout) == (split == "heldout")]
+            keep = [
+                p
+                for p, e in enumerate(entries)
+                if (kind is None or e["kind"] == kind) and is_heldout(e["id"], heldout) == (split == "heldout")
+            ]
             if len(keep) < shard["samples"]:
                 picks[i] = np.array(keep, dtype=np.int64)
             n_kind = len(keep)
@@ -104,10 +111,17 @@ def build_catalog(root: str | Path, kind: str | None, where: str, heldout: float
         counts.append(n_kind)
     offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
     split_key = [kind] if heldout <= 0 else [kind, heldout, split]  # unchanged hashes for specs without a split
-    h = hashlib.sha256(json.dumps([*split_key, [(s["name"], s["samples"], s["tar_sha256"]) for s in manifest["shards"]]])
-                       .encode()).hexdigest()[:16]
-    return Catalog(root=root, shard_names=tuple(s["name"] for s in manifest["shards"]), offsets=offsets,
-                   picks=picks, fingerprint=h, kinds=dict(manifest.get("kinds", {})))
+    h = hashlib.sha256(
+        json.dumps([*split_key, [(s["name"], s["samples"], s["tar_sha256"]) for s in manifest["shards"]]]).encode()
+    ).hexdigest()[:16]
+    return Catalog(
+        root=root,
+        shard_names=tuple(s["name"] for s in manifest["shards"]),
+        offsets=offsets,
+        picks=picks,
+        fingerprint=h,
+        kinds=dict(manifest.get("kinds", {})),
+    )
 
 
 class RecordReader:

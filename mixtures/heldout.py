@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from mixtures.catalog import RecordReader, build_catalog
-from mixtures.spec import MixtureSpec
+from vpit.errors import ConfigError
+from vpit.mixtures.catalog import RecordReader, build_catalog
+from vpit.mixtures.spec import MixtureSpec
 
 __all__ = ["heldout_items"]
 
@@ -22,8 +23,10 @@ def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[
     (`record`, `tokens` when the spec names a cache). At most `max_per_source` per source,
     taken evenly across the source so every shard is represented."""
     if spec.heldout <= 0:
-        raise ValueError(f"{spec.origin}: heldout is 0, so there is nothing to evaluate on; set e.g. heldout: 0.02 "
-                         "in the mixture spec (and retrain: the split changes which samples train)")
+        raise ConfigError(
+            f"{spec.origin}: heldout is 0, so there is nothing to evaluate on; set e.g. heldout: 0.02 "
+            "in the mixture spec (and retrain: the split changes which samples train)"
+        )
     items: list[dict[str, Any]] = []
     for s in spec.sources:
         cat = build_catalog(s.path, s.kind, f"sources.{s.name}.path", heldout=spec.heldout, split="heldout")
@@ -33,7 +36,7 @@ def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[
         reader = RecordReader(cat.root, cat.shard_names)
         cache = None
         if spec.cache:
-            from pipelines.token_cache import TokenCache
+            from vpit.pipelines.token_cache import TokenCache
 
             cache = TokenCache(cat.root, spec.cache)
         try:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mixtures.catalog import RecordReader
-from mixtures.plan import Plan
-from mixtures.sampler import batch_slots, locate, make_schedule
-from mixtures.stream import MixtureStream
+from vpit.mixtures.catalog import RecordReader
+from vpit.mixtures.plan import Plan
+from vpit.mixtures.sampler import batch_slots, locate, make_schedule
+from vpit.mixtures.stream import MixtureStream
 
 __all__ = ["group_counts", "inspect_mixture", "lineage_ids", "plot_group_ratio"]
 
@@ -41,8 +41,13 @@ def lineage_ids(plan: Plan, batch_size: int, start: int = 0, stop: int | None = 
         for k in range(start, schedule.num_batches if stop is None else min(stop, schedule.num_batches)):
             src, draw = batch_slots(plan, schedule, k)
             shards, positions = locate(plan, src, draw)
-            yield k, [readers[s].sample_id(sh, p) for s, sh, p in zip(src.tolist(), shards.tolist(),
-                                                                      positions.tolist(), strict=True)]
+            yield (
+                k,
+                [
+                    readers[s].sample_id(sh, p)
+                    for s, sh, p in zip(src.tolist(), shards.tolist(), positions.tolist(), strict=True)
+                ],
+            )
     finally:
         for r in readers:
             r.close()
@@ -65,8 +70,12 @@ def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0
         ax.axhline(n_g / plan.total, color=line.get_color(), linestyle="--", linewidth=0.8)
     if inspected:
         ax.axvspan(1, inspected, color="0.9", label=f"inspected ({inspected} steps)")
-    ax.set(xlabel=f"step (global batch of {batch_size})", ylabel="cumulative share of samples",
-           title=f"group ratio over the run, plan {plan.hash}", ylim=(0, 1))
+    ax.set(
+        xlabel=f"step (global batch of {batch_size})",
+        ylabel="cumulative share of samples",
+        title=f"group ratio over the run, plan {plan.hash}",
+        ylim=(0, 1),
+    )
     ax.set_xscale("log" if len(steps) > 50 else "linear")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -76,8 +85,9 @@ def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0
     return path
 
 
-def inspect_mixture(plan: Plan, *, batch_size: int, steps: int, png: Path, lineage: Path | None = None,
-                    show: int = 12) -> str:
+def inspect_mixture(
+    plan: Plan, *, batch_size: int, steps: int, png: Path, lineage: Path | None = None, show: int = 12
+) -> str:
     """Read the first `steps` batches through the stream; return the composition report."""
     planned = group_counts(plan, batch_size)
     steps = min(steps, len(planned))
@@ -97,8 +107,12 @@ def inspect_mixture(plan: Plan, *, batch_size: int, steps: int, png: Path, linea
         if out:
             out.close()
     width = max(12, *(len(n) + 2 for n in names))
-    lines = [f"mixture {plan.spec.origin}: plan {plan.hash}, {plan.total:,} samples in {len(planned):,} global "
-             f"batches of {batch_size}", "", "  step  " + "".join(n.rjust(width) for n in names)]
+    lines = [
+        f"mixture {plan.spec.origin}: plan {plan.hash}, {plan.total:,} samples in {len(planned):,} global "
+        f"batches of {batch_size}",
+        "",
+        "  step  " + "".join(n.rjust(width) for n in names),
+    ]
     for k in range(min(steps, show)):
         lines.append(f"  {k:>4}  " + "".join(str(c).rjust(width) for c in realised[k]))
     if steps > show:
@@ -109,9 +123,11 @@ def inspect_mixture(plan: Plan, *, batch_size: int, steps: int, png: Path, linea
     for gi, (g, n_g) in enumerate(plan.groups):
         lo, hi = np.floor(sizes * n_g / plan.total), np.ceil(sizes * n_g / plan.total)
         ok = bool(((realised[:, gi] >= lo) & (realised[:, gi] <= hi)).all())
-        lines.append(f"    {g:<{width}} {realised[:, gi].sum() / max(1, seen):7.2%}  planned {n_g / plan.total:7.2%}  "
-                     f"per batch {realised[:, gi].min()}..{realised[:, gi].max()} "
-                     f"({'within one sample of plan' if ok else 'OUTSIDE the per-batch bound'})")
+        lines.append(
+            f"    {g:<{width}} {realised[:, gi].sum() / max(1, seen):7.2%}  planned {n_g / plan.total:7.2%}  "
+            f"per batch {realised[:, gi].min()}..{realised[:, gi].max()} "
+            f"({'within one sample of plan' if ok else 'OUTSIDE the per-batch bound'})"
+        )
     same = np.array_equal(realised, planned[:steps])
     lines.append(f"  realised batches {'match' if same else 'DIFFER FROM'} the plan's schedule")
     plot_group_ratio(plan, batch_size, png, inspected=steps)

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from mixtures.spec import GroupSpec, MixtureSpec, SourceSpec, parse_count
+from vpit.errors import ConfigError, InputError
+from vpit.mixtures.spec import GroupSpec, MixtureSpec, SourceSpec, parse_count
 
 __all__ = ["apply_overrides", "load_raw", "load_spec", "spec_from_dict"]
 
@@ -33,13 +34,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"mixture spec {path} does not exist") from None
+        raise InputError(f"mixture spec {path} does not exist") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"mixture spec {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"mixture spec {path} is not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"mixture spec {path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"mixture spec {path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -47,8 +48,9 @@ def _normalise(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Expand group shorthands (`understanding: 7M`) and make source paths absolute."""
     data = dict(data)
     if isinstance(data.get("groups"), dict):
-        data["groups"] = {k: (v if isinstance(v, dict) or v is None else {"count": v})
-                          for k, v in data["groups"].items()}
+        data["groups"] = {
+            k: (v if isinstance(v, dict) or v is None else {"count": v}) for k, v in data["groups"].items()
+        }
     if isinstance(data.get("sources"), dict):
         sources = {}
         for name, src in data["sources"].items():
@@ -76,7 +78,7 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(path).resolve()
     if path in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, path))
-        raise ValueError(f"include: include cycle {cycle}; remove one of these includes")
+        raise ConfigError(f"include: include cycle {cycle}; remove one of these includes")
     data = _normalise(_read_yaml(path), path.parent)
     includes = data.pop("include", None)
     if includes is None:
@@ -84,7 +86,7 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        raise ValueError(f"{path.name}: include: expected a file name or a list of them, got {includes!r}")
+        raise ConfigError(f"{path.name}: include: expected a file name or a list of them, got {includes!r}")
     merged: dict[str, Any] = {}
     for inc in includes:
         merged = _merge(merged, load_raw(path.parent / inc, (*_chain, path)))
@@ -99,14 +101,14 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], folder: Pat
             value = yaml.safe_load(value) if value.strip() else value
         keys = dotted.split(".")
         if not all(keys):
-            raise ValueError(f"override {dotted!r}: empty key in dotted path")
+            raise ConfigError(f"override {dotted!r}: empty key in dotted path")
         node = data
         for i, k in enumerate(keys[:-1]):
             child = node.get(k)
             if child is None:
                 child = node[k] = {}
             elif not isinstance(child, dict):
-                raise ValueError(f"override {dotted!r}: {'.'.join(keys[:i + 1])} is a value, not a mapping")
+                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is a value, not a mapping")
             else:
                 child = node[k] = dict(child)
             node = child
@@ -132,16 +134,22 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
     p = _Problems()
     _unknown("", data, TOP_KEYS, p)
     seed = data.get("seed", 0)
-    p.check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
-            f"seed: expected an integer >= 0, got {seed!r}")
+    p.check(
+        isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+        f"seed: expected an integer >= 0, got {seed!r}",
+    )
     repetition = data.get("repetition", "error")
     p.check(repetition in ("error", "allow"), f"repetition: expected error or allow, got {repetition!r}")
     cache = data.get("cache")
-    p.check(cache is None or (isinstance(cache, str) and cache != ""),
-            f"cache: expected a token-cache fingerprint string, got {cache!r}")
+    p.check(
+        cache is None or (isinstance(cache, str) and cache != ""),
+        f"cache: expected a token-cache fingerprint string, got {cache!r}",
+    )
     heldout = data.get("heldout", 0.0)
-    p.check(isinstance(heldout, int | float) and not isinstance(heldout, bool) and 0 <= heldout < 1,
-            f"heldout: expected a fraction in [0, 1), e.g. 0.02, got {heldout!r}")
+    p.check(
+        isinstance(heldout, int | float) and not isinstance(heldout, bool) and 0 <= heldout < 1,
+        f"heldout: expected a fraction in [0, 1), e.g. 0.02, got {heldout!r}",
+    )
     total = None
     if data.get("total") is not None:
         try:
@@ -151,8 +159,10 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
 
     sources = []
     raw_sources = data.get("sources")
-    if p.check(isinstance(raw_sources, dict) and raw_sources, "sources: expected a mapping of source name -> "
-               "{path, group, kind}; the spec has none"):
+    if p.check(
+        isinstance(raw_sources, dict) and raw_sources,
+        "sources: expected a mapping of source name -> {path, group, kind}; the spec has none",
+    ):
         for name, src in raw_sources.items():
             where = f"sources.{name}"
             if not p.check(isinstance(src, dict), f"{where}: expected a mapping with path and group, got {src!r}"):
@@ -170,8 +180,10 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
 
     groups = []
     raw_groups = data.get("groups")
-    if p.check(isinstance(raw_groups, dict) and raw_groups, "groups: expected a mapping of group name -> count "
-               "(or {count|weight, split}); the spec has none"):
+    if p.check(
+        isinstance(raw_groups, dict) and raw_groups,
+        "groups: expected a mapping of group name -> count (or {count|weight, split}); the spec has none",
+    ):
         for name, grp in raw_groups.items():
             where = f"groups.{name}"
             if not p.check(isinstance(grp, dict), f"{where}: expected a count or a mapping, got {grp!r}"):
@@ -184,28 +196,38 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
                 if grp.get("weight") is not None:
                     w = grp["weight"]
                     if isinstance(w, bool) or not isinstance(w, int | float):
-                        raise ValueError(f"{where}.weight: expected a number > 0, got {w!r}")
+                        raise ConfigError(f"{where}.weight: expected a number > 0, got {w!r}")
                     kw["weight"] = float(w)
                 split = grp.get("split", "proportional")
                 if isinstance(split, dict):
                     shares = []
                     for src, w in split.items():
                         if isinstance(w, bool) or not isinstance(w, int | float):
-                            raise ValueError(f"{where}.split.{src}: expected a share > 0, got {w!r}")
+                            raise ConfigError(f"{where}.split.{src}: expected a share > 0, got {w!r}")
                         shares.append((str(src), float(w)))
                     kw["split"], kw["shares"] = "explicit", tuple(shares)
                 elif split == "explicit":
-                    raise ValueError(f"{where}.split: explicit means a mapping {{source: share}}, e.g. "
-                                     "split: {vqa: 3, captions: 1}")
+                    raise ConfigError(
+                        f"{where}.split: explicit means a mapping {{source: share}}, e.g. "
+                        "split: {vqa: 3, captions: 1}"
+                    )
                 else:
                     kw["split"] = split
                 groups.append(GroupSpec(**kw))
             except ValueError as e:
                 p.append(str(e))
     if p:
-        raise ValueError(f"invalid mixture spec {origin}:\n  - " + "\n  - ".join(p))
-    return MixtureSpec(sources=tuple(sources), groups=tuple(groups), seed=seed, repetition=repetition,
-                       cache=cache, total=total, heldout=float(heldout), origin=origin)
+        raise ConfigError(f"invalid mixture spec {origin}:\n  - " + "\n  - ".join(p))
+    return MixtureSpec(
+        sources=tuple(sources),
+        groups=tuple(groups),
+        seed=seed,
+        repetition=repetition,
+        cache=cache,
+        total=total,
+        heldout=float(heldout),
+        origin=origin,
+    )
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> MixtureSpec:

@@ -15,9 +15,11 @@ import json
 
 import numpy as np
 
-from mixtures.catalog import Catalog, RecordReader, build_catalog
-from mixtures.quota import apportion
-from mixtures.spec import MixtureSpec
+from vpit.common import text_table
+from vpit.errors import ConfigError
+from vpit.mixtures.catalog import Catalog, RecordReader, build_catalog
+from vpit.mixtures.quota import apportion
+from vpit.mixtures.spec import MixtureSpec
 
 __all__ = ["PLAN_VERSION", "Plan", "SourcePlan", "make_plan", "text_chars"]
 
@@ -81,12 +83,26 @@ class Plan:
     def table(self) -> str:
         """The plan as a human reads it (what `vpit mix plan` prints)."""
         cache = f"{self.spec.cache} (m={self.m}, d={self.dim})" if self.spec.cache else f"none (m={self.m} assumed)"
-        lines = [f"mixture {self.spec.origin}", f"  plan hash {self.hash}   seed {self.seed}   "
-                 f"repetition {self.spec.repetition}   token cache {cache}", ""]
+        lines = [
+            f"mixture {self.spec.origin}",
+            f"  plan hash {self.hash}   seed {self.seed}   repetition {self.spec.repetition}   token cache {cache}",
+            "",
+        ]
         head = ("source", "group", "kind", "available", "planned", "repeat", "text tok*", "visual tok*")
-        rows = [(s.name, s.group, s.kind or "any", f"{s.available:,}", f"{s.count:,}", f"{s.repeat:.2f}x",
-                 _human(s.text_tokens), _human(s.images * self.m)) for s in self.sources]
-        lines += _grid(head, rows, 3)
+        rows = [
+            (
+                s.name,
+                s.group,
+                s.kind or "any",
+                f"{s.available:,}",
+                f"{s.count:,}",
+                f"{s.repeat:.2f}x",
+                _human(s.text_tokens),
+                _human(s.images * self.m),
+            )
+            for s in self.sources
+        ]
+        lines += text_table(head, rows, 3)
         lines.append("")
         head = ("group", "planned", "share", "text tok*", "visual tok*", "visual share")
         rows = []
@@ -94,19 +110,34 @@ class Plan:
             members = [s for s in self.sources if s.group == g]
             text = sum(s.text_tokens for s in members)
             vis = sum(s.images for s in members) * self.m
-            rows.append((g, f"{count:,}", f"{count / self.total:.1%}", _human(text), _human(vis),
-                         f"{vis / max(1, text + vis):.1%}"))
+            rows.append(
+                (
+                    g,
+                    f"{count:,}",
+                    f"{count / self.total:.1%}",
+                    _human(text),
+                    _human(vis),
+                    f"{vis / max(1, text + vis):.1%}",
+                )
+            )
         text = sum(s.text_tokens for s in self.sources)
         vis = sum(s.images for s in self.sources) * self.m
-        rows.append(("total", f"{self.total:,}", "100.0%", _human(text), _human(vis), f"{vis / max(1, text + vis):.1%}"))
-        lines += _grid(head, rows, 1)
+        rows.append(
+            ("total", f"{self.total:,}", "100.0%", _human(text), _human(vis), f"{vis / max(1, text + vis):.1%}")
+        )
+        lines += text_table(head, rows, 1)
         repeated = [s for s in self.sources if s.count > s.available]
         if repeated:
             lines.append("")
-            lines += [f"  repeats {s.name}: each sample {s.count // s.available} or {-(-s.count // s.available)} "
-                      f"times ({s.repeat:.2f}x, repetition: allow)" for s in repeated]
-        lines.append(f"\n  * estimated: text from {ESTIMATE_SAMPLES} records per source at {CHARS_PER_TOKEN} "
-                     f"chars/token; visual = images x {self.m}")
+            lines += [
+                f"  repeats {s.name}: each sample {s.count // s.available} or {-(-s.count // s.available)} "
+                f"times ({s.repeat:.2f}x, repetition: allow)"
+                for s in repeated
+            ]
+        lines.append(
+            f"\n  * estimated: text from {ESTIMATE_SAMPLES} records per source at {CHARS_PER_TOKEN} "
+            f"chars/token; visual = images x {self.m}"
+        )
         return "\n".join(lines)
 
 
@@ -115,14 +146,6 @@ def _human(n: float) -> str:
         if n >= div:
             return f"{n / div:.3g}{unit}"
     return f"{int(n)}"
-
-
-def _grid(head: tuple, rows: list[tuple], left: int) -> list[str]:
-    """Text columns: the first `left` left-aligned, numbers right-aligned."""
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  " + "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)  # noqa: E731
-                                     for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-    return [fmt(head), "  " + "-" * (sum(widths) + 2 * len(widths) - 2), *map(fmt, rows)]
 
 
 def text_chars(record: dict) -> int:
@@ -155,7 +178,7 @@ def _check_cache(spec: MixtureSpec, problems: list[str]) -> tuple[int, int | Non
     if spec.cache is None:
         return DEFAULT_M, None
     try:
-        from pipelines.token_cache import CacheError, TokenCache
+        from vpit.pipelines.token_cache import CacheError, TokenCache
     except ImportError:
         problems.append("cache: this vpit has no token-cache support (pipelines.token_cache); remove cache:")
         return DEFAULT_M, None
@@ -167,15 +190,17 @@ def _check_cache(spec: MixtureSpec, problems: list[str]) -> tuple[int, int | Non
             problems.append(f"cache: source {s.name} ({s.path}) has no usable token cache {spec.cache!r}: {e}")
             continue
         if m is not None and (cache.m, cache.dim) != (m, dim):
-            problems.append(f"cache: source {s.name} has tokens of shape ({cache.m}, {cache.dim}) but others "
-                            f"({m}, {dim}); precompute every source with the same encoder")
+            problems.append(
+                f"cache: source {s.name} has tokens of shape ({cache.m}, {cache.dim}) but others "
+                f"({m}, {dim}); precompute every source with the same encoder"
+            )
         m, dim = cache.m, cache.dim
     return (m or DEFAULT_M), dim
 
 
 def _estimate(name: str, catalog: Catalog, count: int, seed: int) -> tuple[int, int]:
     """(text tokens, images) over `count` draws, from a seeded sample of the source's records."""
-    from mixtures.sampler import source_items  # the same permutation the stream draws from
+    from vpit.mixtures.sampler import source_items  # the same permutation the stream draws from
 
     n = min(ESTIMATE_SAMPLES, catalog.size)
     shards, positions = catalog.locate(source_items(seed, name, catalog.size, np.arange(n)))
@@ -201,18 +226,22 @@ def make_plan(spec: MixtureSpec) -> Plan:
             continue
         if catalogs[s.name].size == 0:
             have = ", ".join(f"{k} {v}" for k, v in catalogs[s.name].kinds.items()) or "no samples"
-            problems.append(f"sources.{s.name}.kind: {s.path} has no samples of kind {s.kind!r} (it has: {have}); "
-                            "change kind or the path")
+            problems.append(
+                f"sources.{s.name}.kind: {s.path} has no samples of kind {s.kind!r} (it has: {have}); "
+                "change kind or the path"
+            )
     m, dim = _check_cache(spec, problems)
     if problems:
-        raise ValueError(f"cannot plan {spec.origin}:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(f"cannot plan {spec.origin}:\n  - " + "\n  - ".join(problems))
 
     if spec.total is not None:
         amounts = apportion(spec.total, [g.weight for g in spec.groups])
         for g, a in zip(spec.groups, amounts, strict=True):
             if a == 0:
-                problems.append(f"groups.{g.name}.weight: {g.weight} of total {spec.total:,} rounds to 0 samples; "
-                                "raise the weight or the total")
+                problems.append(
+                    f"groups.{g.name}.weight: {g.weight} of total {spec.total:,} rounds to 0 samples; "
+                    "raise the weight or the total"
+                )
     else:
         amounts = [g.count for g in spec.groups]
     counts: dict[str, int] = {}
@@ -224,20 +253,37 @@ def make_plan(spec: MixtureSpec) -> Plan:
             most = _most_feasible(g, list(split), catalogs, dict(g.shares))
             field = f"groups.{g.name}.count" if spec.total is None else f"total (or groups.{g.name}.weight)"
             detail = ", ".join(f"{n} needs {split[n]:,} of {catalogs[n].size:,}" for n in over)
-            problems.append(f"{field}: group {g.name} asks for {amount:,} samples but {detail}; lower it to at most "
-                            f"{most:,}, add sources to group {g.name}, or set repetition: allow")
+            problems.append(
+                f"{field}: group {g.name} asks for {amount:,} samples but {detail}; lower it to at most "
+                f"{most:,}, add sources to group {g.name}, or set repetition: allow"
+            )
     if problems:
-        raise ValueError(f"infeasible mixture {spec.origin}:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(f"infeasible mixture {spec.origin}:\n  - " + "\n  - ".join(problems))
 
     sources = []
     for s in spec.sources:
         text, images = _estimate(s.name, catalogs[s.name], counts[s.name], spec.seed)
-        sources.append(SourcePlan(name=s.name, group=s.group, kind=s.kind, catalog=catalogs[s.name],
-                                  count=counts[s.name], text_tokens=text, images=images))
+        sources.append(
+            SourcePlan(
+                name=s.name,
+                group=s.group,
+                kind=s.kind,
+                catalog=catalogs[s.name],
+                count=counts[s.name],
+                text_tokens=text,
+                images=images,
+            )
+        )
     groups = tuple((g.name, a) for g, a in zip(spec.groups, amounts, strict=True))
-    from mixtures.sampler import SAMPLER_VERSION
+    from vpit.mixtures.sampler import SAMPLER_VERSION
 
-    key = {"plan": PLAN_VERSION, "sampler": SAMPLER_VERSION, "seed": spec.seed, "cache": spec.cache,
-           "groups": groups, "sources": [(s.name, s.group, s.kind, s.catalog.fingerprint, s.count) for s in sources]}
+    key = {
+        "plan": PLAN_VERSION,
+        "sampler": SAMPLER_VERSION,
+        "seed": spec.seed,
+        "cache": spec.cache,
+        "groups": groups,
+        "sources": [(s.name, s.group, s.kind, s.catalog.fingerprint, s.count) for s in sources],
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Plan(spec=spec, sources=tuple(sources), groups=groups, m=m, dim=dim, hash=digest)

@@ -20,6 +20,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from vpit.errors import ConfigError
+
 __all__ = ["apportion", "group_schedule", "split_schedule"]
 
 
@@ -28,7 +30,7 @@ def apportion(total: int, weights: Sequence[float | int | Fraction]) -> list[int
     w = [Fraction(x) for x in weights]
     s = sum(w)
     if total < 0 or s <= 0 or any(x < 0 for x in w):
-        raise ValueError(f"apportion: need total >= 0 and weights >= 0 with a positive sum, got {total}, {weights}")
+        raise ConfigError(f"apportion: need total >= 0 and weights >= 0 with a positive sum, got {total}, {weights}")
     quotas = [total * x / s for x in w]
     out = [q.numerator // q.denominator for q in quotas]
     rest = total - sum(out)
@@ -67,8 +69,9 @@ def group_schedule(counts: Sequence[int], batch_size: int) -> np.ndarray:
     n = [int(c) for c in counts]
     total, b = sum(n), int(batch_size)
     if b <= 0 or any(c < 0 for c in n) or total <= 0:
-        raise ValueError(f"group_schedule: need batch_size > 0 and non-negative counts with a positive sum, got "
-                         f"{b}, {n}")
+        raise ConfigError(
+            f"group_schedule: need batch_size > 0 and non-negative counts with a positive sum, got {b}, {n}"
+        )
     full, last = divmod(total, b)
     base = [b * c // total for c in n]
     frac = [b * c % total for c in n]  # w_g = frac_g / total
@@ -81,8 +84,10 @@ def group_schedule(counts: Sequence[int], batch_size: int) -> np.ndarray:
         ready = [g for g in parts if done[g] * total // frac[g] <= t]
         ready.sort(key=lambda g: (*_pd2_key(done[g] + 1, frac[g], total), g))
         if len(ready) < extra:
-            raise RuntimeError(f"group_schedule: batch {t} has {len(ready)} parts ready for {extra} slots "
-                               f"(counts={n}, B={b}); this is a bug")
+            raise RuntimeError(
+                f"group_schedule: batch {t} has {len(ready)} parts ready for {extra} slots "
+                f"(counts={n}, B={b}); this is a bug"
+            )
         for g in ready[:extra]:
             done[g] += 1
         out[t] = base
@@ -106,7 +111,7 @@ def split_schedule(counts: Sequence[int], batch_totals: Sequence[int]) -> np.nda
     total = sum(n)
     sizes = [int(x) for x in batch_totals]
     if sum(sizes) != total or any(c < 0 for c in n) or any(x < 0 for x in sizes):
-        raise ValueError(f"split_schedule: batch totals sum to {sum(sizes)} but counts sum to {total}")
+        raise ConfigError(f"split_schedule: batch totals sum to {sum(sizes)} but counts sum to {total}")
     out = np.zeros((len(sizes), len(n)), dtype=np.int64)
     if total == 0:
         return out

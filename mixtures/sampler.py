@@ -21,7 +21,8 @@ import zlib
 
 import numpy as np
 
-from mixtures.quota import group_schedule, split_schedule
+from vpit.errors import ConfigError
+from vpit.mixtures.quota import group_schedule, split_schedule
 
 __all__ = ["SAMPLER_VERSION", "Schedule", "batch_slots", "locate", "make_schedule", "sample_at", "source_items"]
 
@@ -53,7 +54,7 @@ class Schedule:
 def make_schedule(plan, batch_size: int) -> Schedule:
     """The per-batch source counts of `plan` for global batches of `batch_size`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
-        raise ValueError(f"global_batch_size: expected a positive integer, got {batch_size!r}")
+        raise ConfigError(f"global_batch_size: expected a positive integer, got {batch_size!r}")
     groups = [g for g, _ in plan.groups]
     per_group = group_schedule([c for _, c in plan.groups], int(batch_size))
     per_source = np.zeros((per_group.shape[0], len(plan.sources)), dtype=np.int64)
@@ -115,5 +116,5 @@ def sample_at(plan, schedule: Schedule, index: int) -> tuple[str, int, int]:
     k = schedule.batch_of(index)
     src, draw = batch_slots(plan, schedule, k)
     i = index - int(schedule.starts[k])
-    shard, pos = locate(plan, src[i:i + 1], draw[i:i + 1])
+    shard, pos = locate(plan, src[i : i + 1], draw[i : i + 1])
     return plan.sources[int(src[i])].name, int(shard[0]), int(pos[0])

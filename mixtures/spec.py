@@ -31,7 +31,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from pipelines.sample import KINDS
+from vpit.errors import ConfigError
+from vpit.pipelines.sample import KINDS
 
 __all__ = ["REPETITION", "SPLITS", "GroupSpec", "MixtureSpec", "SourceSpec", "parse_count"]
 
@@ -46,30 +47,32 @@ def parse_count(value: Any, where: str) -> int:
     """A positive sample count: 200000, "200k", "7M", "1.5B" (k = 1e3, M = 1e6, B = 1e9)."""
     hint = "a positive count like 200000, 200k, 7M or 1.5B"
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{where}: expected {hint}, got {value!r}")
+        raise ConfigError(f"{where}: expected {hint}, got {value!r}")
     if isinstance(value, str):
         m = _COUNT.match(value)
         if not m:
-            raise ValueError(f"{where}: expected {hint}, got {value!r}")
+            raise ConfigError(f"{where}: expected {hint}, got {value!r}")
         try:
             exact = Decimal(m.group(1)) * _SUFFIX[m.group(2)]
         except InvalidOperation:
-            raise ValueError(f"{where}: expected {hint}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {hint}, got {value!r}") from None
     else:
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{where}: expected {hint}, got {value!r}")
+            raise ConfigError(f"{where}: expected {hint}, got {value!r}")
         exact = Decimal(value)
     if exact != exact.to_integral_value():
-        raise ValueError(f"{where}: {value!r} is not a whole number of samples")
+        raise ConfigError(f"{where}: {value!r} is not a whole number of samples")
     if exact <= 0:
-        raise ValueError(f"{where}: must be > 0, got {value!r}; remove the group or give it a positive count")
+        raise ConfigError(f"{where}: must be > 0, got {value!r}; remove the group or give it a positive count")
     return int(exact)
 
 
 def _check_name(name: str, where: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"{where}: name {name!r} must be letters, digits, '_' or '-' (no dots: names appear in "
-                         "dotted override paths)")
+        raise ConfigError(
+            f"{where}: name {name!r} must be letters, digits, '_' or '-' (no dots: names appear in "
+            "dotted override paths)"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,7 +91,7 @@ class SourceSpec:
     def __post_init__(self):
         _check_name(self.name, f"sources.{self.name}")
         if self.kind is not None and self.kind not in KINDS:
-            raise ValueError(f"sources.{self.name}.kind: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
+            raise ConfigError(f"sources.{self.name}.kind: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,21 +113,27 @@ class GroupSpec:
         where = f"groups.{self.name}"
         _check_name(self.name, where)
         if (self.count is None) == (self.weight is None):
-            raise ValueError(f"{where}: give exactly one of count or weight (got "
-                             f"{'both' if self.count is not None else 'neither'})")
-        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int)
-                                       or self.count <= 0):
-            raise ValueError(f"{where}.count: must be a positive integer, got {self.count!r}")
+            raise ConfigError(
+                f"{where}: give exactly one of count or weight (got {'both' if self.count is not None else 'neither'})"
+            )
+        if self.count is not None and (
+            isinstance(self.count, bool) or not isinstance(self.count, int) or self.count <= 0
+        ):
+            raise ConfigError(f"{where}.count: must be a positive integer, got {self.count!r}")
         if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
-            raise ValueError(f"{where}.weight: must be > 0, got {self.weight!r}; remove the group instead of a zero weight")
+            raise ConfigError(
+                f"{where}.weight: must be > 0, got {self.weight!r}; remove the group instead of a zero weight"
+            )
         if self.split not in SPLITS:
-            raise ValueError(f"{where}.split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
+            raise ConfigError(f"{where}.split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
         if (self.split == "explicit") != bool(self.shares):
-            raise ValueError(f"{where}.split: explicit splits need shares (write split as a mapping "
-                             "{source: weight}) and only they take shares")
+            raise ConfigError(
+                f"{where}.split: explicit splits need shares (write split as a mapping "
+                "{source: weight}) and only they take shares"
+            )
         for src, w in self.shares:
             if not (math.isfinite(w) and w > 0):
-                raise ValueError(f"{where}.split.{src}: share must be > 0, got {w!r}")
+                raise ConfigError(f"{where}.split.{src}: share must be > 0, got {w!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,31 +178,40 @@ class MixtureSpec:
         groups = {g.name: g for g in self.groups}
         for s in self.sources:
             if s.group not in groups:
-                problems.append(f"sources.{s.name}.group: unknown group {s.group!r}; declare it under groups: "
-                                f"(known: {', '.join(groups) or 'none'})")
+                problems.append(
+                    f"sources.{s.name}.group: unknown group {s.group!r}; declare it under groups: "
+                    f"(known: {', '.join(groups) or 'none'})"
+                )
         for g in self.groups:
             members = [s.name for s in self.sources if s.group == g.name]
             if not members:
-                problems.append(f"groups.{g.name}: no source belongs to this group; add a source with "
-                                f"group: {g.name} or remove the group")
+                problems.append(
+                    f"groups.{g.name}: no source belongs to this group; add a source with "
+                    f"group: {g.name} or remove the group"
+                )
             for src, _ in g.shares:
                 if src not in members:
-                    problems.append(f"groups.{g.name}.split.{src}: unknown source {src!r} for this group "
-                                    f"(its sources: {', '.join(members) or 'none'})")
+                    problems.append(
+                        f"groups.{g.name}.split.{src}: unknown source {src!r} for this group "
+                        f"(its sources: {', '.join(members) or 'none'})"
+                    )
             missing = [m for m in members if g.shares and m not in dict(g.shares)]
             if missing:
                 problems.append(f"groups.{g.name}.split: explicit split lacks a share for {', '.join(missing)}")
         modes = {"count" if g.count is not None else "weight" for g in self.groups}
         if len(modes) > 1:
-            problems.append("groups: mix of count and weight; give every group a count, or every group a weight "
-                            "plus a total")
+            problems.append(
+                "groups: mix of count and weight; give every group a count, or every group a weight plus a total"
+            )
         elif modes == {"weight"} and self.total is None:
-            problems.append("total: groups give weights but the spec has no total; add e.g. total: 1M, or give "
-                            "each group a count instead")
+            problems.append(
+                "total: groups give weights but the spec has no total; add e.g. total: 1M, or give "
+                "each group a count instead"
+            )
         elif modes == {"count"} and self.total is not None:
             problems.append("total: only allowed with weights; with counts the total is their sum, remove total")
         if problems:
-            raise ValueError(f"invalid mixture spec {self.origin}:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(f"invalid mixture spec {self.origin}:\n  - " + "\n  - ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain YAML-able values (paths absolute, shorthands expanded)."""
@@ -202,8 +220,10 @@ class MixtureSpec:
             out["total"] = self.total
         if self.heldout:
             out["heldout"] = self.heldout
-        out["sources"] = {s.name: {"path": str(s.path), "group": s.group, **({"kind": s.kind} if s.kind else {})}
-                          for s in self.sources}
+        out["sources"] = {
+            s.name: {"path": str(s.path), "group": s.group, **({"kind": s.kind} if s.kind else {})}
+            for s in self.sources
+        }
         out["groups"] = {}
         for g in self.groups:
             entry: dict[str, Any] = {"count": g.count} if g.count is not None else {"weight": g.weight}

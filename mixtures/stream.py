@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixtures.catalog import RecordReader
-from mixtures.plan import Plan
-from mixtures.sampler import batch_slots, locate, make_schedule
+from vpit.errors import ConfigError
+from vpit.mixtures.catalog import RecordReader
+from vpit.mixtures.plan import Plan
+from vpit.mixtures.sampler import batch_slots, locate, make_schedule
 
 __all__ = ["MixtureStream"]
 
@@ -45,17 +46,30 @@ class MixtureStream(torch.utils.data.IterableDataset):
         threads: reader threads per process (per loader worker).
     """
 
-    def __init__(self, plan: Plan, *, global_batch_size: int, rank: int = 0, world_size: int = 1,
-                 with_tokens: bool = True, prefetch_batches: int = 4, threads: int = 4):
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        global_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        with_tokens: bool = True,
+        prefetch_batches: int = 4,
+        threads: int = 4,
+    ):
         super().__init__()
         if not (isinstance(world_size, int) and world_size > 0 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise ConfigError(f"rank/world_size: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if isinstance(global_batch_size, int) and global_batch_size < world_size:
-            raise ValueError(f"global_batch_size: {global_batch_size} is less than world_size {world_size}; "
-                             "every rank needs at least one sample per batch")
+            raise ConfigError(
+                f"global_batch_size: {global_batch_size} is less than world_size {world_size}; "
+                "every rank needs at least one sample per batch"
+            )
         if with_tokens and plan.spec.cache is None:
-            raise ValueError(f"cache: {plan.spec.origin} names no token cache, so there are no visual tokens to "
-                             "attach; add cache: FINGERPRINT (vpit precompute prints it) or use with_tokens=False")
+            raise ConfigError(
+                f"cache: {plan.spec.origin} names no token cache, so there are no visual tokens to "
+                "attach; add cache: FINGERPRINT (vpit precompute prints it) or use with_tokens=False"
+            )
         self.plan = plan
         self.schedule = make_schedule(plan, global_batch_size)
         self.global_batch_size = int(global_batch_size)
@@ -87,17 +101,23 @@ class MixtureStream(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after `state["consumed"]` samples. Refuses another plan or batch size."""
         if state.get("plan_hash") != self.plan.hash:
-            raise ValueError(f"plan_hash: the checkpoint was made with plan {state.get('plan_hash')} but this mixture "
-                             f"plans to {self.plan.hash}; resume with the same spec and data, or start a new run")
+            raise ConfigError(
+                f"plan_hash: the checkpoint was made with plan {state.get('plan_hash')} but this mixture "
+                f"plans to {self.plan.hash}; resume with the same spec and data, or start a new run"
+            )
         b = state.get("global_batch_size", self.global_batch_size)
         if b != self.global_batch_size:
-            raise ValueError(f"global_batch_size: the checkpoint used {b}, this run {self.global_batch_size}; the "
-                             "batch composition depends on it, so keep it (change ranks or accumulation instead)")
+            raise ConfigError(
+                f"global_batch_size: the checkpoint used {b}, this run {self.global_batch_size}; the "
+                "batch composition depends on it, so keep it (change ranks or accumulation instead)"
+            )
         consumed = int(state["consumed"])
         starts = self.schedule.starts
         if consumed not in set(starts.tolist()):
-            raise ValueError(f"consumed: {consumed} is not at a global batch boundary of this plan "
-                             f"(batches of {self.global_batch_size}, {int(starts[-1])} samples in all)")
+            raise ConfigError(
+                f"consumed: {consumed} is not at a global batch boundary of this plan "
+                f"(batches of {self.global_batch_size}, {int(starts[-1])} samples in all)"
+            )
         self._consumed = consumed
 
     def advance(self, batches: int = 1) -> None:
@@ -107,8 +127,9 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
     def loader(self, num_workers: int = 0, collate_fn=None, **kwargs) -> Iterator:
         """A DataLoader over this stream that keeps `state_dict()` current with any num_workers."""
-        dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=num_workers,
-                                         collate_fn=collate_fn or _identity, **kwargs)
+        dl = torch.utils.data.DataLoader(
+            self, batch_size=None, num_workers=num_workers, collate_fn=collate_fn or _identity, **kwargs
+        )
         for batch in dl:
             if num_workers > 0:  # with workers the iteration below runs elsewhere; count here
                 self.advance(1)
@@ -154,7 +175,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 r.close()
 
     def _open_caches(self) -> list:
-        from pipelines.token_cache import TokenCache
+        from vpit.pipelines.token_cache import TokenCache
 
         return [TokenCache(s.catalog.root, self.plan.spec.cache) for s in self.plan.sources]
 

@@ -20,19 +20,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.chat_template import get_template
-from model.tokenizer import add_image_tokens, load_tokenizer
-from model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean
+from vpit.config import path_field
+from vpit.errors import ConfigError
+from vpit.model.chat_template import get_template
+from vpit.model.tokenizer import add_image_tokens, load_tokenizer
+from vpit.model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean
 
 __all__ = ["ModelConfig", "build_model", "load_exported", "save_exported", "tiny_llm_config"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
-    llm: str = "tiny"
+    llm: str = path_field("tiny", keep=("tiny",))
     """`tiny` (a small Llama built in code) or a local Hugging Face model folder."""
-    tokenizer: str | None = None
-    """`qwen2.5` (built in), or a local tokenizer folder; default: the LLM folder."""
+    tokenizer: str | None = path_field(None, keep=("qwen2.5",))
+    """`qwen2.5` (built in), or a local tokenizer folder; default: the LLM's folder (qwen2.5 for tiny)."""
     chat_template: str = "llama3"
     """Turn format: llama3 | chatml."""
     vision_dim: int = 1152
@@ -53,31 +55,39 @@ class ModelConfig:
     def __post_init__(self):
         get_template(self.chat_template)
         if self.llm != "tiny" and not Path(self.llm).is_dir():
-            raise ValueError(f"model.llm: expected 'tiny' or a local model folder, got {self.llm!r}")
-        if self.llm == "tiny" and self.tokenizer is None:
-            raise ValueError("model.tokenizer: a tiny LLM needs a tokenizer ('qwen2.5' or a local folder)")
+            raise ConfigError(f"model.llm: expected 'tiny' or a local model folder, got {self.llm!r}")
         for name in ("vision_dim", "num_visual_tokens", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name}: expected an integer >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size: {self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+            raise ConfigError(f"model.hidden_size: {self.hidden_size} is not a multiple of num_heads={self.num_heads}")
 
 
 def tiny_llm_config(cfg: ModelConfig, vocab_size: int) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                       num_key_value_heads=cfg.num_heads, vocab_size=vocab_size, max_position_embeddings=8192,
-                       tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> tuple[VPiTModel, Any]:
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
+) -> tuple[VPiTModel, Any]:
     """A fresh VPiT model (tiny: random init from the current torch seed) and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm)
+    tokenizer = load_tokenizer(cfg.tokenizer or ("qwen2.5" if cfg.llm == "tiny" else cfg.llm))
     n_old = len(tokenizer)
     start_id, end_id = add_image_tokens(tokenizer)
     if cfg.llm == "tiny":
@@ -89,8 +99,14 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
     new = [i for i in (start_id, end_id) if i >= n_old]
     if new:
         init_new_embeddings_to_mean(llm, new, n_old, gather)
-    vcfg = VPiTConfig(vision_dim=cfg.vision_dim, num_visual_tokens=cfg.num_visual_tokens, image_start_id=start_id,
-                      image_end_id=end_id, vision_coef=cfg.vision_coef, chat_template=cfg.chat_template)
+    vcfg = VPiTConfig(
+        vision_dim=cfg.vision_dim,
+        num_visual_tokens=cfg.num_visual_tokens,
+        image_start_id=start_id,
+        image_end_id=end_id,
+        vision_coef=cfg.vision_coef,
+        chat_template=cfg.chat_template,
+    )
     return VPiTModel(llm, vcfg).to(dtype), tokenizer
 
 
@@ -115,7 +131,7 @@ def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32) -> tup
 
     folder = Path(folder)
     if not (folder / "vpit.json").is_file():
-        raise ValueError(f"{folder}: not an exported VPiT folder (no vpit.json); run `vpit export` first")
+        raise ConfigError(f"{folder}: not an exported VPiT folder (no vpit.json); run `vpit export` first")
     llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     model = VPiTModel(llm, VPiTConfig.load(folder / "vpit.json"))
     for name in ("projector", "vision_head"):

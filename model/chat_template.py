@@ -18,8 +18,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TEMPLATES", "VISUAL_SLOT", "ChatTemplate", "Encoded", "ImageTokens", "encode_messages", "get_template",
-           "stop_ids"]
+from vpit.errors import ConfigError
+
+__all__ = [
+    "TEMPLATES",
+    "VISUAL_SLOT",
+    "ChatTemplate",
+    "Encoded",
+    "ImageTokens",
+    "encode_messages",
+    "get_template",
+    "stop_ids",
+]
 
 # Input id written at every visual-token slot; the model replaces its embedding by the
 # projected visual token. Negative so it can never collide with a real vocabulary id.
@@ -46,16 +56,19 @@ class ChatTemplate:
 
 
 TEMPLATES = {
-    "llama3": ChatTemplate(name="llama3", begin="<|begin_of_text|>",
-                           header="<|start_header_id|>{role}<|end_header_id|>\n\n", end="<|eot_id|>"),
-    "chatml": ChatTemplate(name="chatml", begin="", header="<|im_start|>{role}\n", end="<|im_end|>",
-                           after_end="\n"),
+    "llama3": ChatTemplate(
+        name="llama3",
+        begin="<|begin_of_text|>",
+        header="<|start_header_id|>{role}<|end_header_id|>\n\n",
+        end="<|eot_id|>",
+    ),
+    "chatml": ChatTemplate(name="chatml", begin="", header="<|im_start|>{role}\n", end="<|im_end|>", after_end="\n"),
 }
 
 
 def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
-        raise ValueError(f"chat_template: unknown template {name!r}; expected one of {sorted(TEMPLATES)}")
+        raise ConfigError(f"chat_template: unknown template {name!r}; expected one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -100,8 +113,13 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
-def encode_messages(messages: list[dict[str, Any]], tokenizer: Any, template: ChatTemplate,
-                    image: ImageTokens, add_generation_prompt: bool = False) -> Encoded:
+def encode_messages(
+    messages: list[dict[str, Any]],
+    tokenizer: Any,
+    template: ChatTemplate,
+    image: ImageTokens,
+    add_generation_prompt: bool = False,
+) -> Encoded:
     """Tokenize `messages` (sample format) with `template`. Loss only on assistant content.
 
     With `add_generation_prompt`, the assistant header is appended (untrained) for generation.
@@ -139,7 +157,7 @@ def encode_messages(messages: list[dict[str, Any]], tokenizer: Any, template: Ch
                 add([image.end_id], train)
                 prev_text = False
             else:
-                raise ValueError(f"messages[{t}].content[{p}]: expected a 'text' or 'image' part, got {sorted(part)}")
+                raise ConfigError(f"messages[{t}].content[{p}]: expected a 'text' or 'image' part, got {sorted(part)}")
         add(_text_ids(tokenizer, template.end), train)
         add(_text_ids(tokenizer, template.after_end), False)
     if add_generation_prompt:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vpit.errors import ConfigError
+
 __all__ = [
     "EncoderConfig",
     "VisionEncoder",
@@ -68,18 +70,22 @@ class EncoderConfig:
 
     def __post_init__(self):
         if not self.encoder:
-            raise ValueError("encoder: must name `tiny`, a local model folder or a model id")
-        side = int(round(self.tokens ** 0.5))
+            raise ConfigError("encoder: must name `tiny`, a local model folder or a model id")
+        side = int(round(self.tokens**0.5))
         if self.tokens < 1 or side * side != self.tokens:
-            raise ValueError(f"tokens: must be a perfect square (64 = 8x8), got {self.tokens}")
-        for name, allowed in (("pooling", ("bilinear", "avg")), ("normalize", ("l2", "none")),
-                              ("dtype", ("fp16", "bf16", "fp32")), ("compute_dtype", ("fp32", "bf16", "fp16"))):
+            raise ConfigError(f"tokens: must be a perfect square (64 = 8x8), got {self.tokens}")
+        for name, allowed in (
+            ("pooling", ("bilinear", "avg")),
+            ("normalize", ("l2", "none")),
+            ("dtype", ("fp16", "bf16", "fp32")),
+            ("compute_dtype", ("fp32", "bf16", "fp16")),
+        ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     @property
     def side(self) -> int:
-        return int(round(self.tokens ** 0.5))
+        return int(round(self.tokens**0.5))
 
 
 def tiny_siglip_config(image_size: int = 56, patch_size: int = 4, hidden_size: int = 32, layers: int = 2):
@@ -87,8 +93,14 @@ def tiny_siglip_config(image_size: int = 56, patch_size: int = 4, hidden_size: i
     grid pooled to 8x8 is, like 27x27 -> 8x8, a real downsampling."""
     from transformers import SiglipVisionConfig
 
-    return SiglipVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                              intermediate_size=2 * hidden_size, num_hidden_layers=layers, num_attention_heads=2)
+    return SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+    )
 
 
 def tiny_processor(image_size: int):
@@ -132,7 +144,7 @@ def _state_sha256(model: torch.nn.Module) -> str:
 def _files_sha256(folder: Path) -> str:
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
     if not files:
-        raise ValueError(f"encoder: {folder} holds no weight files (*.safetensors / *.bin)")
+        raise ConfigError(f"encoder: {folder} holds no weight files (*.safetensors / *.bin)")
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
@@ -146,10 +158,14 @@ def _load_hf(folder: Path):
     from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
     model_type = AutoConfig.from_pretrained(folder).model_type
-    classes = {"siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel,
-               "clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel}
+    classes = {
+        "siglip": SiglipVisionModel,
+        "siglip_vision_model": SiglipVisionModel,
+        "clip": CLIPVisionModel,
+        "clip_vision_model": CLIPVisionModel,
+    }
     if model_type not in classes:
-        raise ValueError(f"encoder: {folder} is a {model_type!r} model; expected SigLIP or CLIP")
+        raise ConfigError(f"encoder: {folder} is a {model_type!r} model; expected SigLIP or CLIP")
     model = classes[model_type].from_pretrained(folder)
     # The PIL backend on every machine: torchvision's resize differs in the last bits, and
     # a cache must not depend on which optional package a worker happens to have.
@@ -178,8 +194,10 @@ class VisionEncoder:
         self.m = config.tokens
         n_layers = vc.num_hidden_layers
         if not -(n_layers + 1) <= config.layer <= n_layers:
-            raise ValueError(f"layer: {config.layer} is out of range for a {n_layers}-layer encoder "
-                             f"(use {-(n_layers + 1)}..{n_layers})")
+            raise ConfigError(
+                f"layer: {config.layer} is out of range for a {n_layers}-layer encoder "
+                f"(use {-(n_layers + 1)}..{n_layers})"
+            )
         self.device = torch.device("cpu")
         self._compute = TORCH_DTYPES[config.compute_dtype]
         self.model.to(self._compute)
@@ -199,8 +217,8 @@ class VisionEncoder:
         n, t, d = hidden.shape
         g, s = self.grid, self.config.side
         if t < g * g:
-            raise ValueError(f"encoder gives {t} tokens, fewer than its {g}x{g} patch grid")
-        grid = hidden[:, t - g * g:].float().reshape(n, g, g, d).permute(0, 3, 1, 2)  # drops CLS if any
+            raise ConfigError(f"encoder gives {t} tokens, fewer than its {g}x{g} patch grid")
+        grid = hidden[:, t - g * g :].float().reshape(n, g, g, d).permute(0, 3, 1, 2)  # drops CLS if any
         if self.config.pooling == "bilinear":
             pooled = F.interpolate(grid, size=(s, s), mode="bilinear", align_corners=False)
         else:
@@ -247,8 +265,9 @@ class VisionEncoder:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tiny_encoder(config: EncoderConfig | None = None, *, seed: int = 0, image_size: int = 56,
-                 patch_size: int = 4) -> VisionEncoder:
+def tiny_encoder(
+    config: EncoderConfig | None = None, *, seed: int = 0, image_size: int = 56, patch_size: int = 4
+) -> VisionEncoder:
     """The tiny random SigLIP, seeded so that every process builds the same weights."""
     from transformers import SiglipVisionModel
 
@@ -269,15 +288,17 @@ def load_encoder(config: EncoderConfig) -> VisionEncoder:
     folder = Path(config.encoder).expanduser()
     if folder.is_dir():
         model, processor = _load_hf(folder)
-        return VisionEncoder(model, processor, config=config, identity={"weights": "sha256:" + _files_sha256(folder)[:32]})
+        return VisionEncoder(
+            model, processor, config=config, identity={"weights": "sha256:" + _files_sha256(folder)[:32]}
+        )
     if folder.exists() or config.encoder.startswith((".", "/", "~")):
-        raise ValueError(f"encoder: {config.encoder} is not a model folder (expected config.json and weights)")
+        raise ConfigError(f"encoder: {config.encoder} is not a model folder (expected config.json and weights)")
     from huggingface_hub import snapshot_download
 
     try:
         snap = Path(snapshot_download(config.encoder, revision=config.revision, local_files_only=True))
     except Exception as e:  # the hub client raises several types for "not cached"
-        raise ValueError(
+        raise ConfigError(
             f"encoder: {config.encoder!r} is neither a local folder nor in the local Hugging Face cache "
             f"({type(e).__name__}); on a machine with network run `hf download {config.encoder}`, "
             "or pass a local model folder"

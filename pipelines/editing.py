@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config
-from pipelines.llava import _parse, read_image_under_root
-from pipelines.sample import Rejected, Sample, image_entry
-from pipelines.tabular import first_row_fields, input_format, plan_rows, read_rows
-from pipelines.templates import load_templates
+from vpit.config import path_field
+from vpit.errors import ConfigError
+from vpit.pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config
+from vpit.pipelines.llava import _parse, read_image_under_root
+from vpit.pipelines.sample import Rejected, Sample, image_entry
+from vpit.pipelines.tabular import first_row_fields, plan_rows, read_rows
+from vpit.pipelines.templates import load_templates
 
 __all__ = ["EditingConfig", "EditingAdapter", "LAYOUTS"]
 
@@ -42,9 +44,9 @@ LAYOUTS = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class EditingConfig:
-    input: str
+    input: str = path_field()
     """JSONL or parquet file of triplets."""
-    image_root: str = ""
+    image_root: str | None = path_field(None)
     """Folder that image paths are relative to (default: the input's folder); no path may leave it."""
     layout: str = "auto"
     """Field names: auto, generic, instructpix2pix or magicbrush."""
@@ -52,8 +54,8 @@ class EditingConfig:
     """Source name: the prefix of every sample id."""
     shard_size: int = 1000
     """Input rows per shard."""
-    templates: str = ""
-    """Prompt templates YAML; empty = the built-in one."""
+    templates: str | None = path_field(None)
+    """Prompt templates YAML; none: the built-in templates/generation.yaml."""
     template_seed: int = 0
     """Seed of the per-sample template choice."""
     max_pixels: int = 64 * 1024 * 1024
@@ -61,7 +63,7 @@ class EditingConfig:
 
     def __post_init__(self):
         if self.layout != "auto" and self.layout not in LAYOUTS:
-            raise ValueError(f"layout: expected auto or one of {sorted(LAYOUTS)}, got {self.layout!r}")
+            raise ConfigError(f"layout: expected auto or one of {sorted(LAYOUTS)}, got {self.layout!r}")
         check_adapter_config(self)
 
 
@@ -90,7 +92,11 @@ class EditingAdapter(Adapter):
         raise IngestError(f"{self.input.name}: fields {sorted(names)} match no layout ({known}); pass --layout")
 
     def describe(self) -> dict[str, Any]:
-        return {"adapter": self.source_kind, **dataclasses.asdict(self.config), "templates_sha256": self.templates.sha256}
+        return {
+            "adapter": self.source_kind,
+            **dataclasses.asdict(self.config),
+            "templates_sha256": self.templates.sha256,
+        }
 
     def input_fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from pipelines.sample import Rejected
+from vpit.pipelines.sample import Rejected
 
 __all__ = ["FRAME_FORMATS", "IMAGE_EXTS", "VIDEO_EXTS", "clip_paths", "count_frames", "decode_frames", "frame_files"]
 
@@ -85,7 +85,9 @@ def decode_frames(path: Path, wanted: set[int], where: str, fmt: str = "png") ->
             if i >= last:
                 break
     except Exception as e:
-        raise Rejected("unreadable_video", f"{where}: decoding failed at frame {seen}: {type(e).__name__}: {e}") from None
+        raise Rejected(
+            "unreadable_video", f"{where}: decoding failed at frame {seen}: {type(e).__name__}: {e}"
+        ) from None
     finally:
         container.close()
     return out, seen

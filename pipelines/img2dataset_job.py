@@ -1,9 +1,10 @@
-"""Run `img2dataset.download` in a process of its own: `python -m pipelines.img2dataset_job KWARGS_JSON PARENT_PID`.
+"""Run `img2dataset.download` in a process of its own:
+`python -m vpit.pipelines.img2dataset_job KWARGS_JSON PARENT_PID`.
 
 img2dataset starts its pool and its logger with the "spawn" start method, which re-imports the
 `__main__` module in every child: called from a module without a main guard (a notebook cell,
 `python -c`, a Ray worker) it hangs instead of failing. This module is the only place we call
-it, it has the guard, and `pipelines.pairs` runs it as a subprocess with a time limit.
+it, it has the guard, and `vpit.pipelines.pairs` runs it as a subprocess with a time limit.
 
 The job runs in its own session (process group). A watchdog thread kills the whole group if
 the parent dies (even by SIGKILL, which the parent cannot forward), so no downloader outlives
@@ -31,7 +32,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m pipelines.img2dataset_job KWARGS_JSON PARENT_PID", file=sys.stderr)
+        print("usage: python -m vpit.pipelines.img2dataset_job KWARGS_JSON PARENT_PID", file=sys.stderr)
         return 2
     kwargs = json.loads(argv[0])
     threading.Thread(target=_watch_parent, args=(int(argv[1]),), daemon=True).start()

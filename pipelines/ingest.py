@@ -20,21 +20,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.sample import Rejected, Sample
-from pipelines.shards import FORMAT_VERSION, load_manifest, save_json_atomic, shard_name, write_shard
+from vpit.common import cluster_cpus, init_ray, save_json_atomic
+from vpit.config import path_field
+from vpit.errors import ConfigError, VpitError
+from vpit.pipelines.sample import Rejected, Sample
+from vpit.pipelines.shards import FORMAT_VERSION, load_manifest, shard_name, write_shard
 
-__all__ = ["Adapter", "IngestError", "IngestReport", "RawRecord", "check_adapter_config", "file_sha256", "ingest_shard",
-           "run_ingest"]
+__all__ = [
+    "Adapter",
+    "IngestError",
+    "IngestJob",
+    "IngestReport",
+    "RawRecord",
+    "check_adapter_config",
+    "file_sha256",
+    "ingest_shard",
+    "run_ingest",
+]
 
 
 def check_adapter_config(cfg: Any) -> None:
     """The checks every adapter config shares: shard_size, max_pixels, source name."""
     if cfg.shard_size < 1:
-        raise ValueError(f"shard_size: expected an integer >= 1, got {cfg.shard_size}")
+        raise ConfigError(f"shard_size: expected an integer >= 1, got {cfg.shard_size}")
     if cfg.max_pixels < 1:
-        raise ValueError(f"max_pixels: expected an integer >= 1, got {cfg.max_pixels}")
+        raise ConfigError(f"max_pixels: expected an integer >= 1, got {cfg.max_pixels}")
     if not cfg.source or "." in cfg.source or ":" in cfg.source:
-        raise ValueError(f"source: expected a name without '.' or ':', got {cfg.source!r}")
+        raise ConfigError(f"source: expected a name without '.' or ':', got {cfg.source!r}")
 
 
 def file_sha256(path: Path) -> str:
@@ -46,8 +58,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class IngestError(Exception):
+class IngestError(VpitError):
     """A user mistake that stops the job before it starts (bad paths, changed config...)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class IngestJob:
+    """Where an ingest writes and how it runs; nothing here changes the shards."""
+
+    output: str = path_field()
+    """Dataset folder to write, or to resume."""
+    workers: int | None = None
+    """Ray tasks run at once; default: the CPUs of the Ray cluster (the output does not depend on it)."""
+    ray_address: str | None = None
+    """Ray cluster to join (ray://head:10001, auto); default: RAY_ADDRESS, else a local Ray."""
+
+    def __post_init__(self):
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers: expected an integer >= 1, got {self.workers}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,7 +157,9 @@ def _finish_after(items: Iterator, on_end) -> Iterator:
 
 
 def _write_quarantine(path: Path, rejected: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8"
+    )
 
 
 @dataclasses.dataclass
@@ -148,7 +178,8 @@ class IngestReport:
     def summary(self) -> str:
         lines = [
             f"dataset   {self.output}",
-            f"shards    {self.shards_total} total, {self.shards_written} written now, {self.shards_skipped} already complete",
+            f"shards    {self.shards_total} total, {self.shards_written} written now, "
+            f"{self.shards_skipped} already complete",
             f"samples   {self.samples}  (" + ", ".join(f"{k} {v}" for k, v in self.kinds.items()) + ")",
             f"quarantined {sum(self.quarantined.values())}" + ("" if not self.quarantined else ":"),
         ]
@@ -206,24 +237,14 @@ def _rebuild_quarantine(root: Path, n_shards: int) -> None:
     tmp.replace(root / "quarantine.jsonl")
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to a cluster (`address` or RAY_ADDRESS), or start a local one."""
-    import ray
-
-    import logging
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    # Our own tqdm bar reports progress in shards; Ray Data's per-operator logging would bury it.
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def run_ingest(adapter: Adapter, output: str | Path, *, workers: int = 2, ray_address: str | None = None,
-               progress: bool = True) -> IngestReport:
+def run_ingest(
+    adapter: Adapter,
+    output: str | Path,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> IngestReport:
     """Ingest `adapter`'s input into `output`, resuming whatever a previous run left."""
     import ray
     from tqdm import tqdm
@@ -253,7 +274,9 @@ def run_ingest(adapter: Adapter, output: str | Path, *, workers: int = 2, ray_ad
             return {"entry": json.dumps(entry)}
 
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map(work, compute=ray.data.TaskPoolStrategy(size=max(1, workers)), num_cpus=1)
+        ds = ds.map(
+            work, compute=ray.data.TaskPoolStrategy(size=min(len(items), workers or cluster_cpus())), num_cpus=1
+        )
         bar = tqdm(total=len(todo), desc=f"ingest {adapter.source_kind}", unit="shard", disable=not progress)
         for row in ds.iter_rows():
             entry = json.loads(row["entry"])

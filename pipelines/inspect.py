@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from pipelines.shards import Dataset
+from vpit.config import path_field
+from vpit.pipelines.shards import Dataset
 
-__all__ = ["describe_dataset", "render_sample"]
+__all__ = ["InspectConfig", "describe_dataset", "render_sample"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class InspectConfig:
+    path: str = path_field()
+    """Dataset folder (holds manifest.json)."""
+    n: int = 3
+    """Samples to render."""
+    quarantine: int = 5
+    """Quarantine lines to show."""
 
 
 def render_sample(record: dict) -> str:
@@ -30,11 +42,12 @@ def describe_dataset(path: str | Path, n: int = 3, quarantine: int = 5) -> str:
     m = ds.manifest
     out = [
         f"dataset  {ds.root}",
-        f"config   " + ", ".join(f"{k}={v}" for k, v in sorted(m["config"].items()) if k != "input_sha256"),
+        "config   " + ", ".join(f"{k}={v}" for k, v in sorted(m["config"].items()) if k != "input_sha256"),
         f"status   {'complete' if m['complete'] else 'INCOMPLETE (re-run the ingest command to finish)'}: "
         f"{len(m['shards'])}/{m['shards_planned']} shards",
         f"samples  {m['samples']}: " + ", ".join(f"{k} {v}" for k, v in m["kinds"].items()),
-        f"quarantined {sum(m['quarantined'].values())}" + "".join(f"\n  {r:<24} {c}" for r, c in m["quarantined"].items()),
+        f"quarantined {sum(m['quarantined'].values())}"
+        + "".join(f"\n  {r:<24} {c}" for r, c in m["quarantined"].items()),
         "",
     ]
     shown = 0

@@ -21,7 +21,7 @@ def hf_features(root: str | Path, max_records: int = 2000):
     import datasets
     import pyarrow as pa
 
-    from pipelines.shards import Dataset
+    from vpit.pipelines.shards import Dataset
 
     ds = Dataset(root)
     fields: set[str] = set()

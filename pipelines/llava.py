@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config, file_sha256
-from pipelines.sample import Rejected, Sample, image_entry, split_placeholders
+from vpit.config import path_field
+from vpit.pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config, file_sha256
+from vpit.pipelines.sample import Rejected, Sample, image_entry, split_placeholders
 
 __all__ = ["LlavaConfig", "LlavaAdapter", "ROLE_MAP", "read_image_under_root"]
 
@@ -25,9 +26,9 @@ ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "a
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class LlavaConfig:
-    input: str
+    input: str = path_field()
     """JSON list or JSONL file of LLaVA-format records."""
-    image_root: str
+    image_root: str = path_field()
     """Folder that image paths are relative to; no path may leave it."""
     source: str = "llava"
     """Source name: the prefix of every sample id."""
@@ -79,7 +80,10 @@ class LlavaAdapter(Adapter):
         if self._is_json_list():
             records = self._load_json_list()
             return [
-                {"records": [i, min(i + n, len(records))], "inline": [json.dumps(r, ensure_ascii=False) for r in records[i : i + n]]}
+                {
+                    "records": [i, min(i + n, len(records))],
+                    "inline": [json.dumps(r, ensure_ascii=False) for r in records[i : i + n]],
+                }
                 for i in range(0, len(records), n)
             ]
         # JSONL: find the byte offset of every n-th line start in one streaming pass.
@@ -104,7 +108,9 @@ class LlavaAdapter(Adapter):
         try:
             records = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise IngestError(f"{self.input}: not UTF-8 at byte {e.start}; a JSON list must be valid as a whole") from None
+            raise IngestError(
+                f"{self.input}: not UTF-8 at byte {e.start}; a JSON list must be valid as a whole"
+            ) from None
         except json.JSONDecodeError as e:
             raise IngestError(f"{self.input}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if not isinstance(records, list):

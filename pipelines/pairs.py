@@ -1,7 +1,7 @@
 """Image-text pairs (MetaCLIP-style URL lists) -> generation samples, downloaded with img2dataset.
 
 Two steps. `download` runs img2dataset (webdataset output, its own parquet and stats kept) in a
-subprocess with a main guard and a time limit (see `pipelines.img2dataset_job`); img2dataset's
+subprocess with a main guard and a time limit (see `vpit.pipelines.img2dataset_job`); img2dataset's
 incremental mode makes a killed download resume at the first unfinished shard. `PairsAdapter`
 then turns each img2dataset shard into one of our shards: rows sorted by key (img2dataset
 writes in completion order), failed downloads quarantined with img2dataset's own error
@@ -27,9 +27,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.ingest import Adapter, IngestError, IngestReport, RawRecord, check_adapter_config, file_sha256, run_ingest
-from pipelines.sample import Rejected, Sample, image_entry
-from pipelines.templates import load_templates
+from vpit.common import subprocess_env
+from vpit.config import path_field
+from vpit.errors import ConfigError
+from vpit.pipelines.ingest import (
+    Adapter,
+    IngestError,
+    IngestReport,
+    RawRecord,
+    check_adapter_config,
+    file_sha256,
+    run_ingest,
+)
+from vpit.pipelines.sample import Rejected, Sample, image_entry
+from vpit.pipelines.templates import load_templates
 
 __all__ = ["PairsConfig", "PairsAdapter", "download", "download_stats", "ingest_pairs"]
 
@@ -43,9 +54,9 @@ _OPERATIONAL = ("download_dir", "processes", "threads", "job_timeout_s")
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class PairsConfig:
-    input: str
+    input: str = path_field()
     """A URL list (parquet/CSV/TSV/JSONL) with a URL and a caption column, or an img2dataset output folder."""
-    download_dir: str = ""
+    download_dir: str | None = path_field(None)
     """Where img2dataset writes its tars, parquet and stats (set by `ingest_pairs`: OUTPUT/img2dataset)."""
     url_col: str = "url"
     """URL column of the list."""
@@ -59,8 +70,8 @@ class PairsConfig:
     """0 keeps the bytes as served (no re-encoding); N makes img2dataset resize to fit N (keep ratio) as JPEG."""
     respect_opt_out: bool = True
     """Skip images whose X-Robots-Tag says noai/noimageai/noindex/noimageindex (quarantined as download_disallowed)."""
-    templates: str = ""
-    """Prompt templates YAML; empty = the built-in pipelines/templates/generation.yaml."""
+    templates: str | None = path_field(None)
+    """Prompt templates YAML; none: the built-in templates/generation.yaml."""
     template_seed: int = 0
     """Seed of the per-sample template choice."""
     max_pixels: int = 64 * 1024 * 1024
@@ -79,15 +90,15 @@ class PairsConfig:
     def __post_init__(self):
         for name in ("shard_size", "processes", "threads", "url_timeout_s", "max_pixels"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         for name in ("image_size", "retries"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         if self.job_timeout_s <= 0:
-            raise ValueError(f"job_timeout_s: expected a positive number of seconds, got {self.job_timeout_s}")
+            raise ConfigError(f"job_timeout_s: expected a positive number of seconds, got {self.job_timeout_s}")
         check_adapter_config(self)
         if not self.url_col or not self.caption_col:
-            raise ValueError("url_col, caption_col: expected non-empty column names")
+            raise ConfigError("url_col, caption_col: expected non-empty column names")
 
 
 def _url_list_rows(cfg: PairsConfig) -> tuple[str, int]:
@@ -97,8 +108,10 @@ def _url_list_rows(cfg: PairsConfig) -> tuple[str, int]:
     path = Path(cfg.input)
     fmt = URL_LIST_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise IngestError(f"input: {cfg.input!r} is neither a folder nor a URL list with one of the "
-                          f"extensions {sorted(URL_LIST_FORMATS)}")
+        raise IngestError(
+            f"input: {cfg.input!r} is neither a folder nor a URL list with one of the "
+            f"extensions {sorted(URL_LIST_FORMATS)}"
+        )
     if fmt == "tsv":
         import pyarrow.csv as pcsv
 
@@ -124,8 +137,11 @@ def download_stats(folder: Path) -> dict[str, Any]:
         stats = json.loads(path.read_text())
         total.update({k: stats[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")})
         errors.update({k: v for k, v in stats.get("status_dict", {}).items() if k != "success"})
-    return {**{k: total[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")},
-            "shards": len(_stats_files(folder)), "errors": dict(errors.most_common(5))}
+    return {
+        **{k: total[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")},
+        "shards": len(_stats_files(folder)),
+        "errors": dict(errors.most_common(5)),
+    }
 
 
 def download(cfg: PairsConfig, folder: Path, progress: bool = True) -> dict[str, Any]:
@@ -137,31 +153,49 @@ def download(cfg: PairsConfig, folder: Path, progress: bool = True) -> dict[str,
     folder.mkdir(parents=True, exist_ok=True)
     if len(_stats_files(folder)) < expected:
         kwargs = dict(
-            url_list=str(Path(cfg.input).resolve()), output_folder=str(folder.resolve()), output_format="webdataset",
-            input_format=fmt, url_col=cfg.url_col, caption_col=cfg.caption_col, number_sample_per_shard=cfg.shard_size,
-            processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.url_timeout_s, retries=cfg.retries,
-            incremental_mode="incremental", enable_wandb=False, extract_exif=False, compute_hash="sha256",
+            url_list=str(Path(cfg.input).resolve()),
+            output_folder=str(folder.resolve()),
+            output_format="webdataset",
+            input_format=fmt,
+            url_col=cfg.url_col,
+            caption_col=cfg.caption_col,
+            number_sample_per_shard=cfg.shard_size,
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            timeout=cfg.url_timeout_s,
+            retries=cfg.retries,
+            incremental_mode="incremental",
+            enable_wandb=False,
+            extract_exif=False,
+            compute_hash="sha256",
             # An empty list is how img2dataset turns the opt-out check off.
             disallowed_header_directives=OPT_OUT_DIRECTIVES if cfg.respect_opt_out else [],
         )
         if cfg.image_size:
-            kwargs.update(image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg")
+            kwargs.update(
+                image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="jpg"
+            )
         else:  # keep bytes as served: our own decode check then sees truncated or non-image bodies
             kwargs.update(disable_all_reencoding=True, resize_mode="no")
         _run_job(kwargs, folder, expected, cfg.job_timeout_s, progress and tqdm)
     done = len(_stats_files(folder))
     if done < expected:
-        raise IngestError(f"img2dataset finished {done} of {expected} shards in {folder} (see {folder}/img2dataset.log); "
-                          "re-run the same command to retry the rest")
+        raise IngestError(
+            f"img2dataset finished {done} of {expected} shards in {folder} (see {folder}/img2dataset.log); "
+            "re-run the same command to retry the rest"
+        )
     return download_stats(folder)
 
 
 def _run_job(kwargs: dict[str, Any], folder: Path, expected: int, timeout_s: float, tqdm) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pipelines.img2dataset_job", json.dumps(kwargs), str(os.getpid())]
+    env = subprocess_env()
+    cmd = [sys.executable, "-m", "vpit.pipelines.img2dataset_job", json.dumps(kwargs), str(os.getpid())]
     log_path = folder / "img2dataset.log"
-    bar = tqdm(total=expected, initial=len(_stats_files(folder)), desc="download (img2dataset)", unit="shard") if tqdm else None
+    bar = (
+        tqdm(total=expected, initial=len(_stats_files(folder)), desc="download (img2dataset)", unit="shard")
+        if tqdm
+        else None
+    )
     with open(log_path, "ab") as log:
         # Own session: on timeout or Ctrl-C the whole tree (pool, logger process) is killed at once.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -169,8 +203,10 @@ def _run_job(kwargs: dict[str, Any], folder: Path, expected: int, timeout_s: flo
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
-                    raise IngestError(f"img2dataset did not finish within {timeout_s:.0f}s (job_timeout_s); "
-                                      f"finished shards are kept: re-run to resume (log: {log_path})")
+                    raise IngestError(
+                        f"img2dataset did not finish within {timeout_s:.0f}s (job_timeout_s); "
+                        f"finished shards are kept: re-run to resume (log: {log_path})"
+                    )
                 time.sleep(0.2)
                 if bar is not None and len(_stats_files(folder)) > bar.n:
                     bar.update(len(_stats_files(folder)) - bar.n)
@@ -183,7 +219,9 @@ def _run_job(kwargs: dict[str, Any], folder: Path, expected: int, timeout_s: flo
                 bar.close()
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        raise IngestError(f"img2dataset failed (exit code {proc.returncode}); last lines of {log_path}:\n" + "\n".join(tail))
+        raise IngestError(
+            f"img2dataset failed (exit code {proc.returncode}); last lines of {log_path}:\n" + "\n".join(tail)
+        )
 
 
 class PairsAdapter(Adapter):
@@ -204,11 +242,15 @@ class PairsAdapter(Adapter):
             raise IngestError(f"{self.folder} holds no img2dataset shards (NNNNN.parquet + NNNNN.tar)")
         for name in names:
             if not (self.folder / f"{name}.tar").is_file():
-                raise IngestError(f"{self.folder}/{name}.parquet has no {name}.tar: ingest needs img2dataset's "
-                                  "webdataset output (output_format=webdataset)")
+                raise IngestError(
+                    f"{self.folder}/{name}.parquet has no {name}.tar: ingest needs img2dataset's "
+                    "webdataset output (output_format=webdataset)"
+                )
             if not (self.folder / f"{name}_stats.json").is_file():
-                raise IngestError(f"{self.folder}: shard {name} has no {name}_stats.json, so img2dataset did not "
-                                  "finish it; re-run img2dataset on that folder first")
+                raise IngestError(
+                    f"{self.folder}: shard {name} has no {name}_stats.json, so img2dataset did not "
+                    "finish it; re-run img2dataset on that folder first"
+                )
         return names
 
     def input_fingerprint(self) -> str:
@@ -216,7 +258,10 @@ class PairsAdapter(Adapter):
             return file_sha256(Path(self.config.input))
         h = hashlib.sha256()
         for name in self._shards():
-            h.update(f"{name}:{file_sha256(self.folder / f'{name}.parquet')}:{(self.folder / f'{name}.tar').stat().st_size}".encode())
+            h.update(
+                f"{name}:{file_sha256(self.folder / f'{name}.parquet')}:"
+                f"{(self.folder / f'{name}.tar').stat().st_size}".encode()
+            )
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
@@ -247,8 +292,12 @@ class PairsAdapter(Adapter):
                     images[key] = tar.extractfile(info).read()
         first = task["records"][0]
         for j, row in enumerate(rows):
-            origin = {"uri": row.get("url"), "record": first + j, "img2dataset_shard": f"{name}.tar",
-                      "img2dataset_key": row["key"]}
+            origin = {
+                "uri": row.get("url"),
+                "record": first + j,
+                "img2dataset_shard": f"{name}.tar",
+                "img2dataset_key": row["key"],
+            }
             yield RawRecord(first + j, origin, {"meta": row, "image": images.get(row["key"])})
 
     def convert(self, rec: RawRecord) -> Sample:
@@ -286,8 +335,14 @@ class PairsAdapter(Adapter):
         return Sample(record=record, images=[data])
 
 
-def ingest_pairs(config: PairsConfig, output: str | Path, *, workers: int = 2, ray_address: str | None = None,
-                 progress: bool = True) -> tuple[IngestReport, dict[str, Any]]:
+def ingest_pairs(
+    config: PairsConfig,
+    output: str | Path,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> tuple[IngestReport, dict[str, Any]]:
     """Download (when the input is a URL list) and ingest; return the ingest report and img2dataset's stats."""
     src = Path(config.input)
     if src.is_dir():
@@ -298,5 +353,7 @@ def ingest_pairs(config: PairsConfig, output: str | Path, *, workers: int = 2, r
         download(config, folder, progress=progress)
     else:
         raise IngestError(f"input: {config.input!r} does not exist")
-    report = run_ingest(PairsAdapter(config, folder), output, workers=workers, ray_address=ray_address, progress=progress)
+    report = run_ingest(
+        PairsAdapter(config, folder), output, workers=workers, ray_address=ray_address, progress=progress
+    )
     return report, download_stats(folder)

@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from model.encoder import EncoderConfig, VisionEncoder, decode_image, load_encoder, preprocess_images
-from pipelines.shards import Dataset, save_json_atomic
-from pipelines.token_cache import (
+from vpit.common import init_ray, save_json_atomic
+from vpit.errors import ConfigError
+from vpit.model.encoder import EncoderConfig, VisionEncoder, decode_image, load_encoder, preprocess_images
+from vpit.pipelines.shards import Dataset
+from vpit.pipelines.token_cache import (
     STORAGE_NUMPY,
     cache_dir,
     check_cache,
@@ -52,11 +54,11 @@ class PrecomputeConfig:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.actors is not None and self.actors < 1:
-            raise ValueError(f"actors: must be >= 1, got {self.actors}")
+            raise ConfigError(f"actors: must be >= 1, got {self.actors}")
         if self.actor_cpus <= 0 or self.decode_cpus <= 0:
-            raise ValueError("actor_cpus and decode_cpus: must be > 0")
+            raise ConfigError("actor_cpus and decode_cpus: must be > 0")
 
 
 @dataclasses.dataclass
@@ -87,14 +89,17 @@ class PrecomputeReport:
             f"dataset     {self.dataset}",
             f"fingerprint {self.fingerprint}  (m={self.m}, d={self.dim}, {self.dtype})",
             f"cache       {self.cache}",
-            f"shards      {self.shards_total} total, {self.shards_written} written now, {self.shards_skipped} already complete",
+            f"shards      {self.shards_total} total, {self.shards_written} written now, "
+            f"{self.shards_skipped} already complete",
             f"images      {self.images} encoded now",
             f"cache size  {self.cache_bytes / 2**20:.1f} MiB",
         ]
         if self.images:
-            lines.append(f"time        {self.seconds:.1f}s total, {self.encode_seconds:.1f}s encoding (actor start "
-                         f"included): {self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} images/s "
-                         "once the first chunk is out")
+            lines.append(
+                f"time        {self.seconds:.1f}s total, {self.encode_seconds:.1f}s encoding (actor start "
+                f"included): {self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} images/s "
+                "once the first chunk is out"
+            )
         return "\n".join(lines)
 
 
@@ -127,8 +132,12 @@ def _decoder(processor):
             for offset, size in json.loads(row["spans"]):
                 f.seek(offset)
                 images.append(decode_image(f.read(size)))
-        return {"path": row["path"], "shard": row["shard"], "row0": row["row0"],
-                "pixels": preprocess_images(processor, images)}
+        return {
+            "path": row["path"],
+            "shard": row["shard"],
+            "row0": row["row0"],
+            "pixels": preprocess_images(processor, images),
+        }
 
     return decode_chunk
 
@@ -142,8 +151,9 @@ class _EncoderActor:
         torch.set_num_threads(threads)
         self.encoder = load_encoder(EncoderConfig(**config))
         if self.encoder.fingerprint() != fingerprint:  # e.g. a node with other weights under the same path
-            raise RuntimeError(f"encoder on this worker has fingerprint {self.encoder.fingerprint()}, "
-                               f"the driver's is {fingerprint}")
+            raise RuntimeError(
+                f"encoder on this worker has fingerprint {self.encoder.fingerprint()}, the driver's is {fingerprint}"
+            )
         if torch.cuda.is_available():
             self.encoder.to("cuda")
         self.dtype = config["dtype"]
@@ -153,7 +163,7 @@ class _EncoderActor:
         for path, row0, pixels in zip(batch["path"], batch["row0"], batch["pixels"], strict=True):
             tokens = to_storage(self.encoder.encode_pixels(np.asarray(pixels)), self.dtype)
             out = np.lib.format.open_memmap(str(path), mode="r+")
-            out[int(row0):int(row0) + len(tokens)] = tokens
+            out[int(row0) : int(row0) + len(tokens)] = tokens
             out.flush()
             del out
             n_rows.append(len(tokens))
@@ -161,10 +171,16 @@ class _EncoderActor:
 
 
 def _write_marker(cdir: Path, name: str, entry: dict[str, Any], rows: int, samples: int) -> None:
-    save_json_atomic(marker_path(cdir, name), {
-        "shard": name, "tar_sha256": entry["tar_sha256"], "rows": rows, "samples": samples,
-        "bytes": tokens_path(cdir, name).stat().st_size,
-    })
+    save_json_atomic(
+        marker_path(cdir, name),
+        {
+            "shard": name,
+            "tar_sha256": entry["tar_sha256"],
+            "rows": rows,
+            "samples": samples,
+            "bytes": tokens_path(cdir, name).stat().st_size,
+        },
+    )
 
 
 def _prepare(root: Path, cdir: Path, encoder: VisionEncoder, entry: dict[str, Any]) -> tuple[int, list[list[int]]]:
@@ -184,13 +200,18 @@ def _prepare(root: Path, cdir: Path, encoder: VisionEncoder, entry: dict[str, An
     return len(offsets) - 1, spans
 
 
-def run_precompute(dataset: str | Path, encoder_config: EncoderConfig, config: PrecomputeConfig | None = None, *,
-                   ray_address: str | None = None, progress: bool = True) -> PrecomputeReport:
+def run_precompute(
+    dataset: str | Path,
+    encoder_config: EncoderConfig,
+    config: PrecomputeConfig | None = None,
+    *,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> PrecomputeReport:
     """Fill `dataset`'s token cache for `encoder_config`, resuming whatever a previous run left."""
     from tqdm import tqdm
 
-    from pipelines.ingest import init_ray
-    from pipelines.token_cache import CacheError
+    from vpit.pipelines.token_cache import CacheError
 
     config = config or PrecomputeConfig()
     start = time.perf_counter()
@@ -201,8 +222,14 @@ def run_precompute(dataset: str | Path, encoder_config: EncoderConfig, config: P
     fp = encoder.fingerprint()
     cdir = cache_dir(ds.root, fp)
     cdir.mkdir(parents=True, exist_ok=True)
-    info = {"fingerprint": fp, "encoder": encoder_config.encoder, "revision": encoder_config.revision,
-            "m": encoder.m, "dim": encoder.dim, "settings": encoder.settings()}
+    info = {
+        "fingerprint": fp,
+        "encoder": encoder_config.encoder,
+        "revision": encoder_config.revision,
+        "m": encoder.m,
+        "dim": encoder.dim,
+        "settings": encoder.settings(),
+    }
     save_json_atomic(cdir / "fingerprint.json", info)  # first, so a partial cache can name its fix
     states = check_cache(ds.root, fp)
     entries = {s["name"]: s for s in ds.shards}
@@ -215,8 +242,15 @@ def run_precompute(dataset: str | Path, encoder_config: EncoderConfig, config: P
         if not spans:
             _write_marker(cdir, name, entry, 0, samples[name])
         for r0 in range(0, len(spans), config.batch_size):
-            chunks.append({"shard": name, "path": str(tokens_path(cdir, name)), "tar": str(ds.root / "shards" / f"{name}.tar"),
-                           "row0": r0, "spans": json.dumps(spans[r0:r0 + config.batch_size])})
+            chunks.append(
+                {
+                    "shard": name,
+                    "path": str(tokens_path(cdir, name)),
+                    "tar": str(ds.root / "shards" / f"{name}.tar"),
+                    "row0": r0,
+                    "spans": json.dumps(spans[r0 : r0 + config.batch_size]),
+                }
+            )
     images = sum(expected.values())
     encode_start = time.perf_counter()
     if chunks:
@@ -235,7 +269,10 @@ def run_precompute(dataset: str | Path, encoder_config: EncoderConfig, config: P
         decode_memory = (512 << 20) + 3 * config.batch_size * 3 * side * side * 4
         pipe = pipe.map(_decoder(encoder.processor), num_cpus=config.decode_cpus, memory=decode_memory)
         pipe = pipe.map_batches(
-            _EncoderActor, batch_size=1, num_cpus=config.actor_cpus, num_gpus=1 if gpus else 0,
+            _EncoderActor,
+            batch_size=1,
+            num_cpus=config.actor_cpus,
+            num_gpus=1 if gpus else 0,
             compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={"config": cfg, "fingerprint": fp, "threads": max(1, round(config.actor_cpus))},
         )
@@ -256,7 +293,18 @@ def run_precompute(dataset: str | Path, encoder_config: EncoderConfig, config: P
         steady = (images - first[1]) / max(time.perf_counter() - first[0], 1e-9)
     cache_bytes = sum(p.stat().st_size for p in cdir.iterdir() if p.is_file())
     return PrecomputeReport(
-        dataset=ds.root, fingerprint=fp, cache=cdir, shards_total=len(ds.shards), shards_skipped=len(ds.shards) - len(todo),
-        shards_written=len(todo), images=images, encode_seconds=encode_seconds, steady_images_per_s=steady, seconds=time.perf_counter() - start,
-        cache_bytes=cache_bytes, m=encoder.m, dim=encoder.dim, dtype=encoder_config.dtype,
+        dataset=ds.root,
+        fingerprint=fp,
+        cache=cdir,
+        shards_total=len(ds.shards),
+        shards_skipped=len(ds.shards) - len(todo),
+        shards_written=len(todo),
+        images=images,
+        encode_seconds=encode_seconds,
+        steady_images_per_s=steady,
+        seconds=time.perf_counter() - start,
+        cache_bytes=cache_bytes,
+        m=encoder.m,
+        dim=encoder.dim,
+        dtype=encoder_config.dtype,
     )

@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from vpit.errors import ConfigError
+
 __all__ = [
     "KINDS",
     "REASONS",
@@ -43,7 +45,8 @@ REASONS = {
     "one_sided_conversation": "the conversation lacks a user or an assistant turn",
     "unknown_role": "a turn's role is not one of the known roles",
     "download_failed": "the image could not be downloaded",
-    "download_disallowed": "the server opted the image out of AI use (X-Robots-Tag, img2dataset's disallowed_header_directives)",
+    "download_disallowed": "the server opted the image out of AI use "
+    "(X-Robots-Tag, img2dataset's disallowed_header_directives)",
     "unreadable_video": "the video cannot be decoded",
     "missing_video": "a video file or frame folder does not exist",
     "too_few_frames": "the clip has fewer frames than the sample needs",
@@ -56,7 +59,7 @@ class Rejected(Exception):
 
     def __init__(self, reason: str, detail: str):
         if reason not in REASONS:
-            raise ValueError(f"unknown quarantine reason {reason!r}; add it to REASONS")
+            raise ConfigError(f"unknown quarantine reason {reason!r}; add it to REASONS")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -24,14 +24,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.sample import Sample
+from vpit.common import save_json_atomic
+from vpit.errors import InputError
+from vpit.pipelines.sample import Sample
 
 __all__ = [
     "FORMAT_VERSION",
     "Dataset",
     "ShardReader",
     "load_manifest",
-    "save_json_atomic",
     "shard_name",
     "write_shard",
 ]
@@ -42,13 +43,6 @@ MANIFEST = "manifest.json"
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}"
-
-
-def save_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that readers only ever see the old or the new file, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -153,7 +147,7 @@ class Dataset:
         self.root = Path(root)
         manifest = load_manifest(self.root)
         if manifest is None:
-            raise FileNotFoundError(f"{self.root} holds no {MANIFEST}: is it a vpit dataset (vpit ingest ...)?")
+            raise InputError(f"{self.root} holds no {MANIFEST}: is it a vpit dataset (vpit ingest ...)?")
         self.manifest = manifest
         self._readers: dict[int, ShardReader] = {}
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.ingest import IngestError
+from vpit.pipelines.ingest import IngestError
 
 __all__ = ["input_format", "plan_rows", "read_rows", "first_row_fields"]
 
@@ -34,7 +34,9 @@ def _load_json_list(path: Path) -> list[Any]:
     try:
         records = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IngestError(f"{path}: not a valid JSON list ({e}); use JSONL to quarantine bad lines one by one") from None
+        raise IngestError(
+            f"{path}: not a valid JSON list ({e}); use JSONL to quarantine bad lines one by one"
+        ) from None
     if not isinstance(records, list):
         raise IngestError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
@@ -49,9 +51,13 @@ def plan_rows(path: Path, shard_size: int) -> list[dict[str, Any]]:
         return [{"records": [i, min(i + shard_size, n)]} for i in range(0, n, shard_size)]
     if fmt == "json":
         records = _load_json_list(path)
-        return [{"records": [i, min(i + shard_size, len(records))],
-                 "inline": [json.dumps(r, ensure_ascii=False) for r in records[i : i + shard_size]]}
-                for i in range(0, len(records), shard_size)]
+        return [
+            {
+                "records": [i, min(i + shard_size, len(records))],
+                "inline": [json.dumps(r, ensure_ascii=False) for r in records[i : i + shard_size]],
+            }
+            for i in range(0, len(records), shard_size)
+        ]
     # JSONL: the byte offset of every shard_size-th line start, found in one streaming pass.
     starts, line, pos = [0], 0, 0
     with open(path, "rb") as f:
@@ -62,8 +68,10 @@ def plan_rows(path: Path, shard_size: int) -> list[dict[str, Any]]:
                 starts.append(pos)
     if starts[-1] != pos:
         starts.append(pos)
-    return [{"records": [i * shard_size, min((i + 1) * shard_size, line)], "bytes": [starts[i], starts[i + 1]]}
-            for i in range(len(starts) - 1)]
+    return [
+        {"records": [i * shard_size, min((i + 1) * shard_size, line)], "bytes": [starts[i], starts[i + 1]]}
+        for i in range(len(starts) - 1)
+    ]
 
 
 def read_rows(path: Path, task: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], Any]]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from vpit.errors import ConfigError
+
 __all__ = ["DEFAULT_TEMPLATES", "GROUPS", "Templates", "TemplateGroup", "load_templates", "pick_index"]
 
 DEFAULT_TEMPLATES = Path(__file__).parent / "templates" / "generation.yaml"
@@ -63,23 +65,23 @@ def _group(path: Path, name: str, raw: Any) -> TemplateGroup:
     where = f"{path}: {name}"
     if not isinstance(raw, dict) or set(raw) != {"user", "assistant"}:
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(f"{where}: expected a mapping with keys 'user' and 'assistant', got {got}")
+        raise ConfigError(f"{where}: expected a mapping with keys 'user' and 'assistant', got {got}")
     user, assistant = raw["user"], raw["assistant"]
     if not isinstance(user, list) or not user or not all(isinstance(u, str) and u.strip() for u in user):
-        raise ValueError(f"{where}.user: expected a non-empty list of non-empty strings")
+        raise ConfigError(f"{where}.user: expected a non-empty list of non-empty strings")
     if not isinstance(assistant, str) or not assistant.strip():
-        raise ValueError(f"{where}.assistant: expected a non-empty string")
+        raise ConfigError(f"{where}.assistant: expected a non-empty string")
     need = GROUPS[name]
     for i, u in enumerate(user):
         try:
             names = _placeholders(u)
         except ValueError as e:
-            raise ValueError(f"{where}.user[{i}] = {u!r}: {e} (write literal braces as {{{{ and }}}})") from None
+            raise ConfigError(f"{where}.user[{i}] = {u!r}: {e} (write literal braces as {{{{ and }}}})") from None
         if sorted(names) != sorted(need):
             want = ", ".join("{" + n + "}" for n in need) or "no placeholder"
-            raise ValueError(f"{where}.user[{i}] = {u!r}: must use exactly {want}, found {names}")
+            raise ConfigError(f"{where}.user[{i}] = {u!r}: must use exactly {want}, found {names}")
     if _placeholders(assistant):
-        raise ValueError(f"{where}.assistant: must not hold placeholders, got {assistant!r}")
+        raise ConfigError(f"{where}.assistant: must not hold placeholders, got {assistant!r}")
     return TemplateGroup(user=tuple(user), assistant=assistant.strip())
 
 
@@ -87,18 +89,19 @@ def load_templates(path: str | Path | None = None) -> Templates:
     """Load and validate a templates file (the built-in one when `path` is None or empty)."""
     path = Path(path) if path else DEFAULT_TEMPLATES
     if not path.is_file():
-        raise ValueError(f"templates: {str(path)!r} is not a file")
+        raise ConfigError(f"templates: {str(path)!r} is not a file")
     data = path.read_bytes()
     try:
         raw = yaml.safe_load(data)
     except yaml.YAMLError as e:
-        raise ValueError(f"templates: {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"templates: {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"templates: {path} must hold a mapping of groups {sorted(GROUPS)}")
+        raise ConfigError(f"templates: {path} must hold a mapping of groups {sorted(GROUPS)}")
     unknown = sorted(set(raw) - set(GROUPS))
     missing = sorted(set(GROUPS) - set(raw))
     if unknown or missing:
-        raise ValueError(f"templates: {path}: unknown groups {unknown}, missing groups {missing}; "
-                         f"expected exactly {sorted(GROUPS)}")
+        raise ConfigError(
+            f"templates: {path}: unknown groups {unknown}, missing groups {missing}; expected exactly {sorted(GROUPS)}"
+        )
     groups = {name: _group(path, name, raw[name]) for name in GROUPS}
     return Templates(groups=groups, sha256=hashlib.sha256(data).hexdigest(), path=str(path))

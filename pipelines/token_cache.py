@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from vpit.errors import VpitError
+
 __all__ = [
     "CacheError",
     "TokenCache",
@@ -40,7 +42,7 @@ __all__ = [
 STORAGE_NUMPY = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
 
 
-class CacheError(Exception):
+class CacheError(VpitError):
     """The cache asked for is missing, stale or partial; the message says what and how to fix it."""
 
 
@@ -202,8 +204,9 @@ class TokenCache:
             self._offsets[shard] = np.load(offsets_path(self.dir, name), allow_pickle=False)
             rows = int(self._offsets[shard][-1])
             # numpy cannot memory-map a zero-length payload; an empty shard is just loaded.
-            self._arrays[shard] = np.load(tokens_path(self.dir, name), allow_pickle=False,
-                                          mmap_mode="r" if rows else None)
+            self._arrays[shard] = np.load(
+                tokens_path(self.dir, name), allow_pickle=False, mmap_mode="r" if rows else None
+            )
         return self._offsets[shard], self._arrays[shard]
 
     def rows(self, shard: int, position: int) -> tuple[int, int]:

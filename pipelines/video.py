@@ -21,12 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.frames import FRAME_FORMATS, clip_paths, count_frames, decode_frames
-from pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config
-from pipelines.llava import _messages, _parse  # the LLaVA turn rules, shared so both adapters agree
-from pipelines.sample import Rejected, Sample, image_entry
-from pipelines.tabular import plan_rows, read_rows
-from pipelines.templates import load_templates
+from vpit.config import path_field
+from vpit.errors import ConfigError
+from vpit.pipelines.frames import FRAME_FORMATS, clip_paths, count_frames, decode_frames
+from vpit.pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config
+from vpit.pipelines.llava import _messages, _parse  # the LLaVA turn rules, shared so both adapters agree
+from vpit.pipelines.sample import Rejected, Sample, image_entry
+from vpit.pipelines.tabular import plan_rows, read_rows
+from vpit.pipelines.templates import load_templates
 
 __all__ = ["VideoPredictionConfig", "VideoPredictionAdapter", "VideoQAConfig", "VideoQAAdapter", "window_frames"]
 
@@ -34,12 +36,12 @@ __all__ = ["VideoPredictionConfig", "VideoPredictionAdapter", "VideoQAConfig", "
 def _check_common(cfg: Any) -> None:
     check_adapter_config(cfg)
     if cfg.frame_format not in FRAME_FORMATS:
-        raise ValueError(f"frame_format: expected one of {FRAME_FORMATS}, got {cfg.frame_format!r}")
+        raise ConfigError(f"frame_format: expected one of {FRAME_FORMATS}, got {cfg.frame_format!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class VideoPredictionConfig:
-    input: str
+    input: str = path_field()
     """Folder of clips: video files (mp4, mkv, webm, ...) and/or sub-folders of frame images."""
     source: str = "video"
     """Source name: the prefix of every sample id."""
@@ -55,8 +57,8 @@ class VideoPredictionConfig:
     """How decoded video frames are stored: png (lossless) or jpeg. Frame-folder images are kept as they are."""
     shard_size: int = 100
     """Clips per shard."""
-    templates: str = ""
-    """Prompt templates YAML; empty = the built-in one."""
+    templates: str | None = path_field(None)
+    """Prompt templates YAML; none: the built-in templates/generation.yaml."""
     template_seed: int = 0
     """Seed of the per-sample template choice."""
     max_pixels: int = 64 * 1024 * 1024
@@ -65,7 +67,7 @@ class VideoPredictionConfig:
     def __post_init__(self):
         for name in ("k", "predict", "stride", "windows_per_clip"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         _check_common(self)
 
 
@@ -99,7 +101,11 @@ class VideoPredictionAdapter(Adapter):
         self.templates = load_templates(config.templates)
 
     def describe(self) -> dict[str, Any]:
-        return {"adapter": self.source_kind, **dataclasses.asdict(self.config), "templates_sha256": self.templates.sha256}
+        return {
+            "adapter": self.source_kind,
+            **dataclasses.asdict(self.config),
+            "templates_sha256": self.templates.sha256,
+        }
 
     def input_fingerprint(self) -> str:
         return _listing_fingerprint(self.root, clip_paths(self.root))
@@ -127,9 +133,15 @@ class VideoPredictionAdapter(Adapter):
                 continue
             need = windows[0][1][-1] + 1
             if windows[0][1][-1] not in frames:
-                yield RawRecord(base, {"uri": name}, Rejected(
-                    "too_few_frames", f"{name}: {seen} frame(s), a sample needs {need} (k={cfg.k}, "
-                                      f"predict={cfg.predict}, stride={cfg.stride})"))
+                yield RawRecord(
+                    base,
+                    {"uri": name},
+                    Rejected(
+                        "too_few_frames",
+                        f"{name}: {seen} frame(s), a sample needs {need} (k={cfg.k}, "
+                        f"predict={cfg.predict}, stride={cfg.stride})",
+                    ),
+                )
                 continue
             for w, (ins, outs) in enumerate(windows):
                 if outs[-1] in frames:
@@ -141,8 +153,10 @@ class VideoPredictionAdapter(Adapter):
             raise rec.raw
         cfg = self.config
         numbers = rec.origin["input_frames"] + rec.origin["target_frames"]
-        entries = [image_entry(i, data, f"{rec.origin['uri']} frame {f}", cfg.max_pixels)
-                   for i, (data, f) in enumerate(zip(rec.raw, numbers))]
+        entries = [
+            image_entry(i, data, f"{rec.origin['uri']} frame {f}", cfg.max_pixels)
+            for i, (data, f) in enumerate(zip(rec.raw, numbers))
+        ]
         prompt = self.templates.user("video_prediction", self.key(rec), cfg.template_seed)
         record = {
             "id": f"{cfg.source}:{rec.index:09d}",
@@ -150,8 +164,11 @@ class VideoPredictionAdapter(Adapter):
             "kind": "video",
             "messages": [
                 {"role": "user", "content": [{"image": i} for i in range(cfg.k)] + [{"text": prompt}]},
-                {"role": "assistant", "content": [{"text": self.templates.assistant("video_prediction")}]
-                 + [{"image": cfg.k + t} for t in range(cfg.predict)]},
+                {
+                    "role": "assistant",
+                    "content": [{"text": self.templates.assistant("video_prediction")}]
+                    + [{"image": cfg.k + t} for t in range(cfg.predict)],
+                },
             ],
             "images": entries,
             "origin": rec.origin,
@@ -161,9 +178,9 @@ class VideoPredictionAdapter(Adapter):
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class VideoQAConfig:
-    input: str
+    input: str = path_field()
     """JSON list or JSONL of LLaVA-format records with a `video` field."""
-    video_root: str
+    video_root: str = path_field()
     """Folder that `video` paths are relative to; no path may leave it."""
     source: str = "videoqa"
     """Source name: the prefix of every sample id."""
@@ -178,7 +195,7 @@ class VideoQAConfig:
 
     def __post_init__(self):
         if self.frames < 1:
-            raise ValueError(f"frames: expected an integer >= 1, got {self.frames}")
+            raise ConfigError(f"frames: expected an integer >= 1, got {self.frames}")
         _check_common(self)
 
 
@@ -236,12 +253,21 @@ class VideoQAAdapter(Adapter):
         indices = uniform_indices(total, cfg.frames)
         frames, _ = decode_frames(path, set(indices), f"video {rel}", cfg.frame_format)
         images = [frames[i] for i in indices]
-        entries = [image_entry(j, data, f"video {rel} frame {i}", cfg.max_pixels) for j, (data, i) in enumerate(zip(images, indices))]
+        entries = [
+            image_entry(j, data, f"video {rel} frame {i}", cfg.max_pixels)
+            for j, (data, i) in enumerate(zip(images, indices))
+        ]
         origin = dict(rec.origin, video=rel, frames=indices)
         if "id" in record:
             origin["record_id"] = str(record["id"])
-        out = {"id": f"{cfg.source}:{rec.index:09d}", "source": cfg.source, "kind": "understanding",
-               "messages": messages, "images": entries, "origin": origin}
+        out = {
+            "id": f"{cfg.source}:{rec.index:09d}",
+            "source": cfg.source,
+            "kind": "understanding",
+            "messages": messages,
+            "images": entries,
+            "origin": origin,
+        }
         return Sample(record=out, images=images)
 
 
@@ -250,8 +276,10 @@ def _expand_video_placeholder(turns: list[dict[str, Any]], n: int) -> list[dict[
     found = [(j, tag) for j, t in enumerate(turns) for tag in ("<video>", "<image>") if tag in t["value"]]
     count = sum(t["value"].count("<video>") + t["value"].count("<image>") for t in turns)
     if count > 1:
-        raise Rejected("placeholder_mismatch", f"conversations hold {count} <video>/<image> placeholders; "
-                                               "a video record has one (its frames go there)")
+        raise Rejected(
+            "placeholder_mismatch",
+            f"conversations hold {count} <video>/<image> placeholders; a video record has one (its frames go there)",
+        )
     frames = "\n".join(["<image>"] * n)
     out = [dict(t) for t in turns]
     if found:

@@ -17,11 +17,10 @@ def ray_local():
     """A local Ray cluster shared by every test that needs one (starting one costs seconds)."""
     import ray
 
-    from pipelines.ingest import init_ray
+    from vpit.common import init_ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=512 * 1024 * 1024)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 * 1024 * 1024)
     init_ray(None)  # applies our quiet Ray Data settings
     yield ray
     ray.shutdown()

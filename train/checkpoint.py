@@ -21,8 +21,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipelines.shards import save_json_atomic
-from train.parallelize import barrier
+from vpit.common import save_json_atomic
+from vpit.errors import ConfigError
+from vpit.train.parallelize import barrier
 
 __all__ = ["CKPT_DIR", "ResumeState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -85,10 +86,13 @@ def load_checkpoint(engine: Any, ckpt: Path, plan_hash: str) -> ResumeState:
     """Load model, optimizer and schedule state; check the plan."""
     state = ResumeState.from_dict(json.loads((ckpt / STATE).read_text()))
     if state.plan_hash != plan_hash:
-        raise ValueError(f"--resume: checkpoint {ckpt} was trained on mixture plan {state.plan_hash}, but the "
-                         f"config now gives plan {plan_hash}; resume with the same mixture or use a new output_dir")
-    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+        raise ConfigError(
+            f"--resume: checkpoint {ckpt} was trained on mixture plan {state.plan_hash}, but the "
+            f"config now gives plan {plan_hash}; resume with the same mixture or use a new output_dir"
+        )
+    path, _ = engine.load_checkpoint(
+        str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
-        raise ValueError(f"--resume: DeepSpeed could not load {ckpt}")
+        raise ConfigError(f"--resume: DeepSpeed could not load {ckpt}")
     return state

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from model.chat_template import IGNORE, VISUAL_SLOT, ChatTemplate, Encoded, ImageTokens, encode_messages
+from vpit.errors import ConfigError
+from vpit.model.chat_template import IGNORE, VISUAL_SLOT, ChatTemplate, Encoded, ImageTokens, encode_messages
 
 __all__ = ["Collator", "PackedBatch", "pack", "truncate"]
 
@@ -43,9 +44,13 @@ class PackedBatch:
 
     def model_inputs(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:
         vis = self.visual_tokens.to(device)
-        return {"input_ids": self.input_ids.to(device), "labels": self.labels.to(device),
-                "vision_target": self.vision_target.to(device), "position_ids": self.position_ids.to(device),
-                "visual_tokens": vis.to(dtype) if dtype is not None else vis}
+        return {
+            "input_ids": self.input_ids.to(device),
+            "labels": self.labels.to(device),
+            "vision_target": self.vision_target.to(device),
+            "position_ids": self.position_ids.to(device),
+            "visual_tokens": vis.to(dtype) if dtype is not None else vis,
+        }
 
 
 def truncate(enc: Encoded, visual: np.ndarray, max_len: int, m: int) -> tuple[Encoded, np.ndarray] | None:
@@ -61,15 +66,21 @@ def truncate(enc: Encoded, visual: np.ndarray, max_len: int, m: int) -> tuple[En
         else:
             cut = min(cut, start)
             break
-    out = Encoded(input_ids=enc.input_ids[:cut], labels=enc.labels[:cut], vision_target=enc.vision_target[:cut],
-                  image_of_slot=enc.image_of_slot[:cut], images=enc.images[:kept_blocks])
+    out = Encoded(
+        input_ids=enc.input_ids[:cut],
+        labels=enc.labels[:cut],
+        vision_target=enc.vision_target[:cut],
+        image_of_slot=enc.image_of_slot[:cut],
+        images=enc.images[:kept_blocks],
+    )
     if (out.labels[1:] == IGNORE).all() and not out.vision_target[1:].any():
         return None
     return out, visual[: kept_blocks * m]
 
 
-def pack(samples: list[tuple[str, Encoded, np.ndarray]], max_len: int, pad_id: int,
-         truncated: int = 0, dropped: int = 0) -> PackedBatch:
+def pack(
+    samples: list[tuple[str, Encoded, np.ndarray]], max_len: int, pad_id: int, truncated: int = 0, dropped: int = 0
+) -> PackedBatch:
     """Greedy in-order packing of (id, encoded, visual (slots, d)) into rows of <= max_len."""
     rows: list[list[int]] = [[]]
     lengths = [0]
@@ -91,8 +102,8 @@ def pack(samples: list[tuple[str, Encoded, np.ndarray]], max_len: int, pad_id: i
         for k in row:
             sid, enc, v = samples[k]
             n = len(enc)
-            ids[r, at:at + n], labels[r, at:at + n] = enc.input_ids, enc.labels
-            vis[r, at:at + n], pos[r, at:at + n] = enc.vision_target, np.arange(n)
+            ids[r, at : at + n], labels[r, at : at + n] = enc.input_ids, enc.labels
+            vis[r, at : at + n], pos[r, at : at + n] = enc.vision_target, np.arange(n)
             labels[r, at], vis[r, at] = IGNORE, False  # never predict across a sample boundary
             visual.append(v)
             order.append(sid)
@@ -100,10 +111,17 @@ def pack(samples: list[tuple[str, Encoded, np.ndarray]], max_len: int, pad_id: i
         pos[r, at:] = np.arange(width - at)  # padding: a segment of its own
     d = samples[0][2].shape[-1] if samples else 0
     visual_arr = np.concatenate(visual).astype(np.float32) if visual else np.zeros((0, d), np.float32)
-    return PackedBatch(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
-                       vision_target=torch.from_numpy(vis), position_ids=torch.from_numpy(pos),
-                       visual_tokens=torch.from_numpy(visual_arr), sample_ids=order,
-                       n_tokens=int(sum(lengths)), truncated=truncated, dropped=dropped)
+    return PackedBatch(
+        input_ids=torch.from_numpy(ids),
+        labels=torch.from_numpy(labels),
+        vision_target=torch.from_numpy(vis),
+        position_ids=torch.from_numpy(pos),
+        visual_tokens=torch.from_numpy(visual_arr),
+        sample_ids=order,
+        n_tokens=int(sum(lengths)),
+        truncated=truncated,
+        dropped=dropped,
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,9 +137,9 @@ class Collator:
 
     def __post_init__(self):
         if self.max_len < 8:
-            raise ValueError(f"max_len: expected >= 8, got {self.max_len}")
+            raise ConfigError(f"max_len: expected >= 8, got {self.max_len}")
         if self.overflow not in ("truncate", "drop"):
-            raise ValueError(f"overflow: expected 'truncate' or 'drop', got {self.overflow!r}")
+            raise ConfigError(f"overflow: expected 'truncate' or 'drop', got {self.overflow!r}")
 
     def encode(self, item: dict[str, Any]) -> tuple[Encoded, np.ndarray]:
         """One item -> its tokens and the visual token of each slot, checked against the model."""
@@ -131,10 +149,12 @@ class Collator:
         if enc.images:
             if tokens is None or tokens.ndim != 3 or tokens.shape[1:] != (m, d):
                 got = None if tokens is None else tuple(tokens.shape)
-                raise ValueError(f"sample {item['id']}: tokens: expected shape (n_images, {m}, {d}), got {got}")
+                raise ConfigError(f"sample {item['id']}: tokens: expected shape (n_images, {m}, {d}), got {got}")
             if max(enc.images) >= len(tokens):
-                raise ValueError(f"sample {item['id']}: messages name image {max(enc.images)} "
-                                 f"but only {len(tokens)} token arrays came with it")
+                raise ConfigError(
+                    f"sample {item['id']}: messages name image {max(enc.images)} "
+                    f"but only {len(tokens)} token arrays came with it"
+                )
             visual = np.asarray(tokens, np.float32)[enc.images].reshape(-1, d)
         else:
             visual = np.zeros((0, d), np.float32)

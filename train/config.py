@@ -1,32 +1,30 @@
-"""The training config: typed frozen dataclasses, loaded from YAML with strict checks.
+"""The training config: typed frozen dataclasses (loaded by `vpit.config`, as every command's are).
 
-Our own ~40-line YAML -> dataclass reader instead of a schema library: it only needs
-nested dataclasses of plain types, and it must name the full key path of a bad value.
+The defaults alone make a runnable tiny run (a small Llama, the Qwen2.5 tokenizer, in-memory
+shapes-world items): `vpit train --set max_steps=2` is a smoke test of the whole trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from vpit.config import load, path_field
+from vpit.errors import ConfigError
+from vpit.model.build import ModelConfig
 
-from model.build import ModelConfig
-
-__all__ = ["DataConfig", "TrainConfig", "from_dict", "load_train_config"]
+__all__ = ["DataConfig", "TrainConfig", "TrainJob", "load_train_config"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class DataConfig:
-    mixture: str | None = None
-    """Mixture spec YAML (relative to the training config's folder)."""
+    mixture: str | None = path_field(None)
+    """Mixture spec YAML (relative to the training config's folder); none: in-memory synthetic items."""
     mixture_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Dotted overrides applied to the spec (e.g. groups.generation.count: 200k)."""
-    synthetic: int = 0
-    """Instead of a mixture: this many in-memory shapes-world items (smoke tests, GPU checks)."""
+    synthetic: int = 512
+    """Without a mixture: this many in-memory shapes-world items, cycled (smoke tests, GPU checks)."""
     max_len: int = 1024
     """Tokens per packed row."""
     overflow: Literal["truncate", "drop"] = "truncate"
@@ -35,21 +33,19 @@ class DataConfig:
     """DataLoader worker processes per rank (the sample sequence does not depend on it)."""
 
     def __post_init__(self):
-        if (self.mixture is None) == (self.synthetic == 0):
-            raise ValueError("data: give exactly one of data.mixture (a spec path) or data.synthetic (an item count)")
         if self.max_len < 8:
-            raise ValueError(f"data.max_len: expected >= 8, got {self.max_len}")
-        if self.num_workers < 0 or self.synthetic < 0:
-            raise ValueError("data.num_workers and data.synthetic: expected >= 0")
+            raise ConfigError(f"data.max_len: expected >= 8, got {self.max_len}")
+        if self.num_workers < 0 or self.synthetic < 1:
+            raise ConfigError("data.num_workers and data.synthetic: expected >= 0 and >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
-    output_dir: str
+    output_dir: str = path_field("runs/vpit")
     """Run folder: checkpoints, metrics.jsonl, loss.png, the exported model's parts."""
-    model: ModelConfig
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """The VPiT model (model/build.py)."""
-    data: DataConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     """Where samples come from and how they are packed."""
     micro_batch_size: int = 4
     """Samples per rank per micro step (packed into rows of data.max_len)."""
@@ -88,20 +84,28 @@ class TrainConfig:
     """Held-out samples per source that `eval_every` evaluates."""
     seed: int = 0
     """Seed of the model's initialisation."""
-    deepspeed: str | None = None
+    deepspeed: str | None = path_field(None)
     """DeepSpeed JSON; default infra/deepspeed/zero3_cpu.json on CPU, zero3_gpu_bf16.json on GPU."""
     loggers: tuple[Literal["tensorboard", "wandb"], ...] = ()
     """Extra metric sinks, off by default (metrics.jsonl is always written)."""
 
     def __post_init__(self):
         problems = []
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "save_every", "lr_reference_batch",
-                     "keep_checkpoints"):
+        for name in (
+            "micro_batch_size",
+            "grad_accum",
+            "max_steps",
+            "save_every",
+            "lr_reference_batch",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.eval_every < 0 or self.eval_max_per_source < 1:
-            problems.append(f"eval_every / eval_max_per_source: expected >= 0 / >= 1, got {self.eval_every} / "
-                            f"{self.eval_max_per_source}")
+            problems.append(
+                f"eval_every / eval_max_per_source: expected >= 0 / >= 1, got {self.eval_every} / "
+                f"{self.eval_max_per_source}"
+            )
         if self.eval_every and self.data.mixture is None:
             problems.append("eval_every: evaluation needs data.mixture with a heldout split (synthetic data has none)")
         if not self.lr > 0:
@@ -113,79 +117,15 @@ class TrainConfig:
         if self.stage not in (1, 2):
             problems.append(f"stage: expected 1 (frozen LLM) or 2 (all), got {self.stage!r}")
         if problems:
-            raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        inner = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
-        if len(inner) != len(value):
-            raise ValueError(f"{where}: expected {len(inner)} values, got {len(value)}")
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(inner, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    raise ValueError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainJob:
+    resume: bool = False
+    """Continue output_dir from its latest complete checkpoint (the same samples, the same losses)."""
 
 
-def from_dict(cls: type, data: Any, where: str = "config") -> Any:
-    """Build dataclass `cls` from plain values; unknown keys and wrong types name their path."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}" if where != "config" else k) for k, v in data.items()})
-
-
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a training YAML; relative paths (output_dir, data.mixture, model.llm/tokenizer folders,
-    deepspeed) resolve against the YAML's folder. `overrides` are dotted keys (data.max_len: 256)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training config {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for key, value in (overrides or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    folder = path.resolve().parent
-
-    def resolve(d: dict, key: str, keep: tuple[str, ...] = ()) -> None:
-        v = d.get(key) if isinstance(d, dict) else None
-        if isinstance(v, str) and v not in keep and not Path(v).is_absolute():
-            d[key] = str(folder / v)
-
-    resolve(data, "output_dir")
-    resolve(data, "deepspeed")
-    resolve(data.get("data"), "mixture")
-    resolve(data.get("model"), "llm", keep=("tiny",))
-    resolve(data.get("model"), "tokenizer", keep=("qwen2.5",))
-    return from_dict(TrainConfig, data)
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A training YAML (relative paths resolve against its folder) with dotted `overrides`."""
+    return load((TrainConfig,), config=path, sets=list((overrides or {}).items()))[0]

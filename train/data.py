@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from vpit.errors import ConfigError
+
 __all__ = ["BatchSource", "ListSource", "MixtureSource", "make_source"]
 
 
@@ -21,8 +23,7 @@ class BatchSource(Protocol):
     def num_batches(self) -> int | None:
         """Global micro batches available (None: unbounded)."""
 
-    def batches(self, start: int, rank: int, world_size: int, collate: Callable, num_workers: int) -> Iterator[Any]:
-        ...
+    def batches(self, start: int, rank: int, world_size: int, collate: Callable, num_workers: int) -> Iterator[Any]: ...
 
 
 class ListSource:
@@ -52,7 +53,7 @@ class MixtureSource:
     """A mixture spec -> plan -> `MixtureStream` -> DataLoader(collate in workers)."""
 
     def __init__(self, spec_path: str, overrides: dict[str, Any], global_batch_size: int):
-        from mixtures import load_spec, make_plan
+        from vpit.mixtures import load_spec, make_plan
 
         self.plan = make_plan(load_spec(spec_path, overrides or None))
         self.plan_hash = self.plan.hash
@@ -60,27 +61,32 @@ class MixtureSource:
         self.token_shape = (self.plan.m, self.plan.dim) if self.plan.dim else None
 
     def stream(self, start: int, rank: int, world_size: int) -> Any:
-        from mixtures import MixtureStream
+        from vpit.mixtures import MixtureStream
 
         stream = MixtureStream(self.plan, global_batch_size=self.global_batch_size, rank=rank, world_size=world_size)
         if start > stream.num_batches:
-            raise ValueError(f"resume: the mixture has {stream.num_batches} global batches, the run is at {start}")
+            raise ConfigError(f"resume: the mixture has {stream.num_batches} global batches, the run is at {start}")
         state = stream.state_dict()
         state["consumed"] = int(stream.schedule.starts[start])
         stream.load_state_dict(state)
         return stream
 
     def num_batches(self) -> int:
-        from mixtures.sampler import make_schedule
+        from vpit.mixtures.sampler import make_schedule
 
         return make_schedule(self.plan, self.global_batch_size).num_batches
 
     def batches(self, start: int, rank: int, world_size: int, collate: Callable, num_workers: int = 1) -> Iterator[Any]:
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(self.stream(start, rank, world_size), batch_size=None, num_workers=num_workers,
-                            collate_fn=collate, prefetch_factor=4 if num_workers else None,
-                            persistent_workers=False)
+        loader = DataLoader(
+            self.stream(start, rank, world_size),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=collate,
+            prefetch_factor=4 if num_workers else None,
+            persistent_workers=False,
+        )
         return iter(loader)
 
 
@@ -88,7 +94,6 @@ def make_source(data: Any, global_batch_size: int, model: Any) -> BatchSource:
     """The source a DataConfig names. Synthetic items take m and d from the model config."""
     if data.mixture:
         return MixtureSource(data.mixture, dict(data.mixture_overrides), global_batch_size)
-    from train.synthetic import synthetic_items
+    from vpit.train.synthetic import synthetic_items
 
-    return ListSource(synthetic_items(data.synthetic, m=model.num_visual_tokens, d=model.vision_dim),
-                      global_batch_size)
+    return ListSource(synthetic_items(data.synthetic, m=model.num_visual_tokens, d=model.vision_dim), global_batch_size)

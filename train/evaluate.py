@@ -20,10 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.chat_template import ImageTokens, get_template, stop_ids
-from model.generate import encode_prompt, generate
-from train.collate import Collator
-from train.metrics import exact_match, frechet_distance, mean_token_cosine, multiple_choice_correct, retrieval_accuracy
+from vpit.errors import ConfigError
+from vpit.model.chat_template import ImageTokens, get_template, stop_ids
+from vpit.model.generate import encode_prompt, generate
+from vpit.train.collate import Collator
+from vpit.train.metrics import (
+    exact_match,
+    frechet_distance,
+    mean_token_cosine,
+    multiple_choice_correct,
+    retrieval_accuracy,
+)
 
 __all__ = ["evaluate_items", "evaluate_run", "split_prompt", "write_eval"]
 
@@ -48,14 +55,26 @@ def _target_image(msg: dict[str, Any]) -> int | None:
 
 
 @torch.no_grad()
-def evaluate_items(model, tokenizer, items: list[dict[str, Any]], suite: tuple[str, ...] = ("understanding", "generation"),
-                   max_new_tokens: int = 16, n_candidates: int = 16, max_len: int = 1024) -> dict[str, Any]:
+def evaluate_items(
+    model,
+    tokenizer,
+    items: list[dict[str, Any]],
+    suite: tuple[str, ...] = ("understanding", "generation"),
+    max_new_tokens: int = 16,
+    n_candidates: int = 16,
+    max_len: int = 1024,
+) -> dict[str, Any]:
     """Metrics over held-out `items`: a flat dict of `understanding/...` and `generation/...` keys."""
     model.eval()
     cfg = model.config
     stop = stop_ids(tokenizer, get_template(cfg.chat_template))
-    collate = Collator(tokenizer, get_template(cfg.chat_template),
-                       ImageTokens(cfg.image_start_id, cfg.image_end_id, cfg.num_visual_tokens), cfg.vision_dim, max_len)
+    collate = Collator(
+        tokenizer,
+        get_template(cfg.chat_template),
+        ImageTokens(cfg.image_start_id, cfg.image_end_id, cfg.num_visual_tokens),
+        cfg.vision_dim,
+        max_len,
+    )
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     if "understanding" in suite:
@@ -112,23 +131,27 @@ def write_eval(run_dir: str | Path, step: int, metrics: dict[str, Any]) -> Path:
     return path
 
 
-def evaluate_run(run: str | Path, suite: tuple[str, ...] = ("understanding", "generation"),
-                 max_per_source: int = 64, step: int | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run: str | Path,
+    suite: tuple[str, ...] = ("understanding", "generation"),
+    max_per_source: int = 64,
+    step: int | None = None,
+) -> dict[str, Any]:
     """Evaluate a training run (or one of its checkpoints) on its mixture's held-out split.
 
     Writes RUN/eval/step-N.json and returns the metrics.
     """
     import yaml
 
-    from mixtures import heldout_items, load_spec
-    from train.checkpoint import ResumeState
-    from train.export import load_checkpoint_model, resolve_checkpoint
+    from vpit.mixtures import heldout_items, load_spec
+    from vpit.train.checkpoint import ResumeState
+    from vpit.train.export import load_checkpoint_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
     run_dir = ckpt.parent.parent
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     if not cfg["data"].get("mixture"):
-        raise ValueError(f"{run_dir}: trained on synthetic data, which has no held-out split to evaluate on")
+        raise ConfigError(f"{run_dir}: trained on synthetic data, which has no held-out split to evaluate on")
     spec = load_spec(cfg["data"]["mixture"], cfg["data"].get("mixture_overrides") or None)
     items = heldout_items(spec, max_per_source=max_per_source)
     model, tokenizer = load_checkpoint_model(ckpt)

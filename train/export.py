@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from model.build import load_exported, save_exported
-from model.vpit import VPiTConfig, VPiTModel
-from train.checkpoint import latest_checkpoint
-from train.parallelize import read_zero3_state_dict
+from vpit.errors import ConfigError
+from vpit.model.build import load_exported, save_exported
+from vpit.model.vpit import VPiTConfig, VPiTModel
+from vpit.train.checkpoint import latest_checkpoint
+from vpit.train.parallelize import read_zero3_state_dict
 
 __all__ = ["export_checkpoint", "load_checkpoint_model", "resolve_checkpoint"]
 
@@ -29,7 +30,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise ValueError(f"{path}: neither a checkpoint folder nor a run folder with a complete checkpoint")
+        raise ConfigError(f"{path}: neither a checkpoint folder nor a run folder with a complete checkpoint")
     return ckpt
 
 
@@ -40,15 +41,17 @@ def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.flo
     ckpt = resolve_checkpoint(checkpoint)
     model_dir = ckpt.parent.parent / "model"
     if not (model_dir / "vpit.json").is_file():
-        raise ValueError(f"{model_dir}: missing; it is written by `vpit train` at the start of a run")
+        raise ConfigError(f"{model_dir}: missing; it is written by `vpit train` at the start of a run")
     llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
     model = VPiTModel(llm, VPiTConfig.load(model_dir / "vpit.json"))
     state = read_zero3_state_dict(ckpt.parent, ckpt.name)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"llm.lm_head.weight"} if llm.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{ckpt}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]})")
+        raise ConfigError(
+            f"{ckpt}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
     llm.tie_weights()
     return model.to(dtype).eval(), AutoTokenizer.from_pretrained(model_dir)
 

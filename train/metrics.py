@@ -23,8 +23,9 @@ __all__ = [
     "retrieval_accuracy",
 ]
 
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve".split())}
+_NUMBER_WORDS = {
+    w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())
+}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 
@@ -49,7 +50,7 @@ def multiple_choice_correct(prediction: str, choices: list[str], answer_index: i
     m = _LETTER.match(text)
     if m:
         i = ord(m.group(1).lower()) - ord("a")
-        if 0 <= i < len(choices) and normalize_answer(text[m.end():]) in ("", normalize_answer(choices[i])):
+        if 0 <= i < len(choices) and normalize_answer(text[m.end() :]) in ("", normalize_answer(choices[i])):
             return i == answer_index
     matches = [i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(text)]
     return len(matches) == 1 and matches[0] == answer_index
@@ -64,7 +65,9 @@ def mean_token_cosine(generated: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean(np.sum(_unit(generated.astype(np.float64)) * _unit(target.astype(np.float64)), axis=-1)))
 
 
-def retrieval_accuracy(generated: np.ndarray, targets: np.ndarray, n_candidates: int | None = None, seed: int = 0) -> float:
+def retrieval_accuracy(
+    generated: np.ndarray, targets: np.ndarray, n_candidates: int | None = None, seed: int = 0
+) -> float:
     """Share of samples whose own target is the most similar among `n_candidates` targets.
 
     Similarity of two token sets is their mean token-aligned cosine. Candidates are the

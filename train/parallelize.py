@@ -17,10 +17,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["DistInfo", "barrier", "ds_config", "gather_for_update", "init_distributed", "initialize",
-           "read_zero3_state_dict"]
+from vpit.errors import ConfigError, InputError
+from vpit.infra import config_file
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "infra" / "deepspeed"
+__all__ = [
+    "DistInfo",
+    "barrier",
+    "ds_config",
+    "gather_for_update",
+    "init_distributed",
+    "initialize",
+    "read_zero3_state_dict",
+]
 
 
 class DistInfo:
@@ -59,17 +67,22 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
-def ds_config(path: str | None, *, on_gpu: bool, micro_batch_size: int, grad_accum: int, world_size: int,
-              grad_clip: float) -> dict[str, Any]:
+def ds_config(
+    path: str | None, *, on_gpu: bool, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float
+) -> dict[str, Any]:
     """Read a DeepSpeed JSON and fill in what the training config decides."""
-    path = Path(path) if path else CONFIG_DIR / ("zero3_gpu_bf16.json" if on_gpu else "zero3_cpu.json")
+    path = Path(path) if path else config_file("deepspeed", "zero3_gpu_bf16.json" if on_gpu else "zero3_cpu.json")
     if not path.is_file():
-        raise FileNotFoundError(f"deepspeed: config {path} does not exist")
+        raise InputError(f"deepspeed: config {path} does not exist")
     cfg = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     if cfg.get("zero_optimization", {}).get("stage") != 3:
-        raise ValueError(f"deepspeed: {path} must set zero_optimization.stage to 3")
-    cfg.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=grad_accum,
-               train_batch_size=micro_batch_size * grad_accum * world_size, gradient_clipping=grad_clip)
+        raise ConfigError(f"deepspeed: {path} must set zero_optimization.stage to 3")
+    cfg.update(
+        train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        train_batch_size=micro_batch_size * grad_accum * world_size,
+        gradient_clipping=grad_clip,
+    )
     cfg["bf16"] = {"enabled": on_gpu}
     cfg["fp16"] = {"enabled": False}
     if not on_gpu:
@@ -77,8 +90,14 @@ def ds_config(path: str | None, *, on_gpu: bool, micro_batch_size: int, grad_acc
     return cfg
 
 
-def initialize(model: torch.nn.Module, config: dict[str, Any], lr: float, betas: tuple[float, float],
-               weight_decay: float, schedule: Callable[[int], float]) -> Any:
+def initialize(
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    schedule: Callable[[int], float],
+) -> Any:
     """The ZeRO-3 engine, with torch AdamW over the trainable parameters (unless the JSON names
     its own optimizer, as CPU-offload configs do) and a LambdaLR schedule."""
     import deepspeed
@@ -91,8 +110,12 @@ def initialize(model: torch.nn.Module, config: dict[str, Any], lr: float, betas:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
         config["zero_allow_untested_optimizer"] = True  # DeepSpeed's allow-list check for client optimizers
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None, config=config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        model=model,
+        optimizer=optimizer,
+        model_parameters=params if optimizer is None else None,
+        config=config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
     return engine
 
 

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vpit.errors import ConfigError
+
 __all__ = ["RunLog", "plot_losses", "read_metrics"]
 
 
@@ -68,8 +70,10 @@ class RunLog:
 
             return wandb.init(project="vpit", dir=str(self.run_dir), config=config)
         except ImportError as e:
-            raise ValueError(f"loggers: {name} was asked for but is not installed ({e}); "
-                             f"pip install {'tensorboard' if name == 'tensorboard' else 'wandb'} or drop it") from None
+            raise ConfigError(
+                f"loggers: {name} was asked for but is not installed ({e}); "
+                f"pip install {'tensorboard' if name == 'tensorboard' else 'wandb'} or drop it"
+            ) from None
 
     def log(self, row: dict[str, Any], sample_ids: list[str]) -> None:
         with open(self.run_dir / f"samples-rank{self.rank}.jsonl", "a") as f:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.shapes_world import COLORS, QUADRANTS, SHAPES, Scene, caption, questions, random_scene
+from vpit.shapes import COLORS, SHAPES, Scene, caption, questions, random_scene
 
 __all__ = ["scene_tokens", "synthetic_items"]
 
@@ -31,7 +31,7 @@ def scene_tokens(scene: Scene, m: int, d: int, rng: np.random.Generator, noise: 
     """(m, d) L2-normalised tokens: token k encodes the quadrant k falls in (a 2x2 split of an
     n x n grid of tokens, n = sqrt(m))."""
     book = _codebook(d)
-    side = int(round(m ** 0.5))
+    side = int(round(m**0.5))
     by_quadrant = {q: (s, c) for s, c, q in scene.shapes}
     out = np.empty((m, d), np.float32)
     for k in range(m):
@@ -43,18 +43,20 @@ def scene_tokens(scene: Scene, m: int, d: int, rng: np.random.Generator, noise: 
 
 
 def _generation(scene: Scene) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"text": f"Generate an image of {caption(scene)}"}]},
-            {"role": "assistant", "content": [{"text": "Here is an image based on your request:"}, {"image": 0}]}]
+    return [
+        {"role": "user", "content": [{"text": f"Generate an image of {caption(scene)}"}]},
+        {"role": "assistant", "content": [{"text": "Here is an image based on your request:"}, {"image": 0}]},
+    ]
 
 
 def _understanding(scene: Scene, rng: np.random.Generator) -> list[dict[str, Any]]:
     q, a = questions(scene)[int(rng.integers(len(questions(scene))))]
-    return [{"role": "user", "content": [{"image": 0}, {"text": q}]},
-            {"role": "assistant", "content": [{"text": a}]}]
+    return [{"role": "user", "content": [{"image": 0}, {"text": q}]}, {"role": "assistant", "content": [{"text": a}]}]
 
 
-def synthetic_items(n: int, seed: int = 0, m: int = 16, d: int = 32, generation_share: float = 0.5,
-                    start: int = 0) -> list[dict[str, Any]]:
+def synthetic_items(
+    n: int, seed: int = 0, m: int = 16, d: int = 32, generation_share: float = 0.5, start: int = 0
+) -> list[dict[str, Any]]:
     """`n` items (generation and understanding samples), a pure function of the arguments."""
     items = []
     for i in range(start, start + n):
@@ -63,9 +65,21 @@ def synthetic_items(n: int, seed: int = 0, m: int = 16, d: int = 32, generation_
         gen = rng.random() < generation_share
         kind = "generation" if gen else "understanding"
         messages = _generation(scene) if gen else _understanding(scene, rng)
-        record = {"id": f"synthetic:{i:06d}", "source": "synthetic", "kind": kind, "messages": messages,
-                  "caption": caption(scene)}
-        items.append({"index": i, "id": record["id"], "source": "synthetic", "group": kind, "record": record,
-                      "tokens": scene_tokens(scene, m, d, rng)[None]})
+        record = {
+            "id": f"synthetic:{i:06d}",
+            "source": "synthetic",
+            "kind": kind,
+            "messages": messages,
+            "caption": caption(scene),
+        }
+        items.append(
+            {
+                "index": i,
+                "id": record["id"],
+                "source": "synthetic",
+                "group": kind,
+                "record": record,
+                "tokens": scene_tokens(scene, m, d, rng)[None],
+            }
+        )
     return items
-

@@ -4,9 +4,10 @@
 # start the `deepspeed` launcher on the first node, which reaches the others over ssh (pdsh).
 #
 #   sbatch infra/slurm/deepspeed_decoder.sh /data/datasets/metaclip --cache FINGERPRINT \
-#       --output /data/decoders/sd15 --config infra/decoder_sd15.yaml
+#       --output /data/decoders/sd15 --config decoder_sd15.yaml
 #
-# Set VPIT_VENV to the shared virtual environment with vpit installed.
+# Set VPIT_VENV to the shared virtual environment with vpit installed. Under the launcher the
+# decoder trains through DeepSpeed with vpit's bf16 ZeRO-3 config unless --deepspeed names another.
 #SBATCH --job-name=vpit-decoder
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -19,20 +20,21 @@
 
 set -euo pipefail
 
-VPIT_REPO=${VPIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
-VPIT_VENV=${VPIT_VENV:-$VPIT_REPO/.venv}
+WORKDIR=${SLURM_SUBMIT_DIR:-$PWD}
+VPIT_VENV=${VPIT_VENV:?set VPIT_VENV to the virtual environment with vpit installed}
 GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-8}
 # shellcheck disable=SC1091
 source "$VPIT_VENV/bin/activate"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# PYTHONSAFEPATH: `python -m vpit` on each rank never puts the working directory on sys.path.
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONSAFEPATH=1
 
-HOSTFILE="$VPIT_REPO/hostfile-$SLURM_JOB_ID"
+HOSTFILE="$WORKDIR/hostfile-$SLURM_JOB_ID"
 scontrol show hostnames "$SLURM_JOB_NODELIST" | awk -v g="$GPUS_PER_NODE" '{print $1 " slots=" g}' > "$HOSTFILE"
 MASTER=$(head -n 1 "$HOSTFILE" | awk '{print $1}')
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))
 # The launcher forwards the variables listed in .deepspeed_env to every rank.
-printf 'HF_HUB_OFFLINE=1\nTOKENIZERS_PARALLELISM=false\nPATH=%s\n' "$PATH" > "$VPIT_REPO/.deepspeed_env"
+printf 'HF_HUB_OFFLINE=1\nTOKENIZERS_PARALLELISM=false\nPYTHONSAFEPATH=1\nPATH=%s\n' "$PATH" > "$WORKDIR/.deepspeed_env"
 
-cd "$VPIT_REPO"
+cd "$WORKDIR"
 deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER" --master_port "$MASTER_PORT" \
-    --module infra.cli decoder train "$@" --deepspeed infra/deepspeed/zero3_gpu_bf16.json
+    --module vpit decoder train "$@"

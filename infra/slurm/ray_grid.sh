@@ -8,8 +8,7 @@
 #
 # Each grid cell asks Ray for the GPUs it trains on (the grid spec says how many) and launches
 # the DeepSpeed trainer there; finished cells are skipped when the script is re-submitted.
-# Set VPIT_VENV to the virtual environment with vpit installed (shared by all nodes), and
-# run from the repository checkout (or set VPIT_REPO).
+# Set VPIT_VENV to the virtual environment with vpit installed (shared by all nodes).
 #SBATCH --job-name=vpit-grid
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -24,8 +23,7 @@ set -euo pipefail
 
 GRID=${1:?usage: sbatch infra/slurm/ray_grid.sh GRID.yaml [extra vpit grid run args]}
 shift
-VPIT_REPO=${VPIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
-VPIT_VENV=${VPIT_VENV:-$VPIT_REPO/.venv}
+VPIT_VENV=${VPIT_VENV:?set VPIT_VENV to the virtual environment with vpit installed}
 RAY_PORT=${RAY_PORT:-6379}
 GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-8}
 CPUS_PER_NODE=${SLURM_CPUS_PER_TASK:-64}
@@ -81,6 +79,5 @@ if [ "$joined" -lt "$expected" ]; then
     exit 1
 fi
 
-cd "$VPIT_REPO"
 vpit grid run "$GRID" --ray-address "$ADDRESS" "$@"
 vpit grid report "$GRID"

@@ -18,10 +18,16 @@ INFRA = Path(__file__).resolve().parents[2] / "infra"
 GPU_CONFIGS = ["zero3_gpu_bf16.json", "zero3_gpu_bf16_offload.json"]
 # MetaMorph's and Cambrian/LLaVA's scripts/zero3.json, with HF's 'auto' resolved for hidden size 4096.
 REFERENCE_ZERO3 = {
-    "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
-    "reduce_bucket_size": 4096 * 4096, "stage3_prefetch_bucket_size": int(0.9 * 4096 * 4096),
-    "stage3_param_persistence_threshold": 10 * 4096, "stage3_max_live_parameters": 1e9,
-    "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True,
+    "stage": 3,
+    "overlap_comm": True,
+    "contiguous_gradients": True,
+    "sub_group_size": 1e9,
+    "reduce_bucket_size": 4096 * 4096,
+    "stage3_prefetch_bucket_size": int(0.9 * 4096 * 4096),
+    "stage3_param_persistence_threshold": 10 * 4096,
+    "stage3_max_live_parameters": 1e9,
+    "stage3_max_reuse_distance": 1e9,
+    "stage3_gather_16bit_weights_on_model_save": True,
 }
 
 
@@ -34,7 +40,10 @@ def _ds_config(path: Path):
 def test_every_yaml_under_infra_parses():
     files = sorted(INFRA.rglob("*.yaml")) + sorted(INFRA.rglob("*.yml"))
     assert {f.relative_to(INFRA).as_posix() for f in files} >= {
-        "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "ray/cluster.yaml"}
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "ray/cluster.yaml",
+    }
     for f in files:
         docs = list(yaml.safe_load_all(f.read_text()))
         assert docs and all(isinstance(d, dict) for d in docs), f
@@ -130,8 +139,11 @@ def test_kuberay_manifests_have_the_shape_kuberay_expects():
             assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim
             for c in pod["containers"]:
                 assert ray.__version__ in c["image"]
-    gpu_groups = [g for g in docs["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu_groups = [
+        g
+        for g in docs["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu_groups, "the job's cluster needs GPU workers for precompute and training"
 
 
@@ -146,21 +158,32 @@ def _vpit_commands(text: str) -> list[list[str]]:
     return out
 
 
-def test_every_vpit_command_in_the_manifests_parses_with_our_cli():
-    from infra.cli import COMMANDS, build_parser
+def _parse(argv: list[str]):
+    """argv as `vpit` parses it; a leaf command must be reached (argparse exits on anything else)."""
+    from vpit.cli import build_parser
 
+    args = build_parser(argv[0]).parse_args(argv)
+    assert args._command is not None
+    return args
+
+
+def test_every_vpit_command_in_the_manifests_parses_with_our_cli():
     entrypoint = _kuberay_docs()["RayJob"]["spec"]["entrypoint"]
     commands = _vpit_commands(entrypoint)
     assert [c[0] for c in commands] == ["ingest", "precompute", "grid"]
-    slurm = (INFRA / "slurm" / "ray_grid.sh").read_text()
-    commands += _vpit_commands(slurm)
-    checked = 0
+    commands += _vpit_commands((INFRA / "slurm" / "ray_grid.sh").read_text())
     for argv in commands:
-        if argv[0] not in COMMANDS:  # a stage that has not landed yet is checked once it has
-            continue
-        build_parser().parse_args(argv)
-        checked += 1
-    assert checked >= 4  # ingest, precompute, grid run (twice), grid report
+        _parse(argv)
+    assert len(commands) >= 5  # ingest, precompute, grid run (twice), grid report
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["gird", "report", "g.yaml"], ["grid", "reprot", "g.yaml"], ["ingest", "llava", "x.jsonl", "--image-rot", "r"]],
+)
+def test_a_mistyped_vpit_command_fails_to_parse(argv):
+    with pytest.raises(SystemExit):
+        _parse(argv)
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (INFRA / "slurm").glob("*.sh")))
@@ -176,13 +199,19 @@ def test_slurm_scripts_pass_bash_n(script, tmp_path):
 
 
 def test_the_deepspeed_launch_line_parses_with_our_cli():
-    """What `deepspeed --module infra.cli decoder train ...` runs on every rank, --local_rank included."""
-    from infra.cli import build_parser
-
+    """What `deepspeed --module vpit decoder train ...` runs on every rank, --local_rank included."""
     text = (INFRA / "slurm" / "deepspeed_decoder.sh").read_text()
-    assert "--module infra.cli decoder train" in text
-    args = build_parser().parse_args(["decoder", "train", "/data/datasets/metaclip", "--cache", "0123abcd",
-                                      "--output", "/data/decoders/sd15", "--deepspeed",
-                                      "infra/deepspeed/zero3_gpu_bf16.json", "--local_rank=3"])
-    assert (args.command, args.decoder_command, args.local_rank) == ("decoder", "train", 3)
-    assert (INFRA / "deepspeed" / "zero3_gpu_bf16.json").is_file()
+    assert "--module vpit decoder train" in text
+    args = _parse(
+        [
+            "decoder",
+            "train",
+            "/data/datasets/metaclip",
+            "--cache",
+            "0123abcd",
+            "--output",
+            "/data/decoders/sd15",
+            "--local_rank=3",
+        ]
+    )
+    assert (args.command, args.action, args.local_rank) == ("decoder", "train", 3)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.sample import Sample, image_entry
-from pipelines.shapes_world import caption, encode_image, random_scene, render
-from pipelines.shards import FORMAT_VERSION, save_json_atomic, write_shard
+from vpit.common import save_json_atomic
+from vpit.pipelines.sample import Sample, image_entry
+from vpit.pipelines.shards import FORMAT_VERSION, write_shard
+from vpit.shapes import caption, encode_image, random_scene, render
 
 
 def _sample(source: str, i: int, kind: str, rng: np.random.Generator) -> Sample:
@@ -21,19 +22,30 @@ def _sample(source: str, i: int, kind: str, rng: np.random.Generator) -> Sample:
     text = caption(scene)
     images: list[bytes] = []
     if kind == "text":
-        messages = [{"role": "user", "content": [{"text": f"Describe: {text}"}]},
-                    {"role": "assistant", "content": [{"text": text}]}]
+        messages = [
+            {"role": "user", "content": [{"text": f"Describe: {text}"}]},
+            {"role": "assistant", "content": [{"text": text}]},
+        ]
     else:
         images = [encode_image(render(scene, 16))]
         if kind == "generation":
-            messages = [{"role": "user", "content": [{"text": f"Generate an image of {text}"}]},
-                        {"role": "assistant", "content": [{"text": "Here is an image:"}, {"image": 0}]}]
+            messages = [
+                {"role": "user", "content": [{"text": f"Generate an image of {text}"}]},
+                {"role": "assistant", "content": [{"text": "Here is an image:"}, {"image": 0}]},
+            ]
         else:
-            messages = [{"role": "user", "content": [{"image": 0}, {"text": "What is in the picture?"}]},
-                        {"role": "assistant", "content": [{"text": text}]}]
-    record = {"id": f"{source}:{i:06d}", "source": source, "kind": kind, "messages": messages,
-              "images": [image_entry(j, d, "test", 10**6) for j, d in enumerate(images)],
-              "origin": {"uri": "generated", "line": i}}
+            messages = [
+                {"role": "user", "content": [{"image": 0}, {"text": "What is in the picture?"}]},
+                {"role": "assistant", "content": [{"text": text}]},
+            ]
+    record = {
+        "id": f"{source}:{i:06d}",
+        "source": source,
+        "kind": kind,
+        "messages": messages,
+        "images": [image_entry(j, d, "test", 10**6) for j, d in enumerate(images)],
+        "origin": {"uri": "generated", "line": i},
+    }
     return Sample(record=record, images=images)
 
 
@@ -48,15 +60,34 @@ def make_dataset(root: Path, source: str, shards: list[list[str]], seed: int = 0
             samples.append((f"{n:09d}", _sample(source, n, kind, rng)))
             n += 1
         idx = write_shard(root, s, samples)
-        entries.append({"name": idx["shard"], "shard": s, "samples": len(idx["samples"]), "kinds": idx["kinds"],
-                        "tar_bytes": idx["tar_bytes"], "tar_sha256": idx["tar_sha256"], "quarantined": {},
-                        "records": len(kinds)})
+        entries.append(
+            {
+                "name": idx["shard"],
+                "shard": s,
+                "samples": len(idx["samples"]),
+                "kinds": idx["kinds"],
+                "tar_bytes": idx["tar_bytes"],
+                "tar_sha256": idx["tar_sha256"],
+                "quarantined": {},
+                "records": len(kinds),
+            }
+        )
     kinds = Counter(k for ks in shards for k in ks)
-    save_json_atomic(root / "manifest.json", {
-        "format": "vpit-shards", "format_version": FORMAT_VERSION, "config": {"test": source}, "config_hash": source,
-        "shards_planned": len(shards), "complete": True, "samples": n, "kinds": dict(sorted(kinds.items())),
-        "quarantined": {}, "shards": entries,
-    })
+    save_json_atomic(
+        root / "manifest.json",
+        {
+            "format": "vpit-shards",
+            "format_version": FORMAT_VERSION,
+            "config": {"test": source},
+            "config_hash": source,
+            "shards_planned": len(shards),
+            "complete": True,
+            "samples": n,
+            "kinds": dict(sorted(kinds.items())),
+            "quarantined": {},
+            "shards": entries,
+        },
+    )
     return root
 
 
@@ -68,9 +99,9 @@ def write_spec(path: Path, text: str) -> Path:
 def fake_plan(groups: dict[str, list[tuple[str, int, int]]], seed: int = 0, shard_size: int = 7):
     """A Plan over imaginary sources: {group: [(source, size, count), ...]}. The sampler's pure
     functions need only sizes and counts, so property tests can use large sizes for free."""
-    from mixtures.catalog import Catalog
-    from mixtures.plan import Plan, SourcePlan
-    from mixtures.spec import GroupSpec, MixtureSpec, SourceSpec
+    from vpit.mixtures.catalog import Catalog
+    from vpit.mixtures.plan import Plan, SourcePlan
+    from vpit.mixtures.spec import GroupSpec, MixtureSpec, SourceSpec
 
     specs, plans = [], []
     for g, members in groups.items():
@@ -78,11 +109,22 @@ def fake_plan(groups: dict[str, list[tuple[str, int, int]]], seed: int = 0, shar
             specs.append(SourceSpec(name=name, path=Path("/nonexistent") / name, group=g))
             n_shards = -(-size // shard_size)
             counts = [shard_size] * (size // shard_size) + ([size % shard_size] if size % shard_size else [])
-            cat = Catalog(root=Path("/nonexistent") / name, shard_names=tuple(f"s{i}" for i in range(n_shards)),
-                          offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), picks={},
-                          fingerprint=name, kinds={})
+            cat = Catalog(
+                root=Path("/nonexistent") / name,
+                shard_names=tuple(f"s{i}" for i in range(n_shards)),
+                offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                picks={},
+                fingerprint=name,
+                kinds={},
+            )
             plans.append(SourcePlan(name=name, group=g, kind=None, catalog=cat, count=count, text_tokens=0, images=0))
     gspecs = tuple(GroupSpec(name=g, count=sum(c for _, _, c in m)) for g, m in groups.items())
     spec = MixtureSpec(sources=tuple(specs), groups=gspecs, seed=seed, repetition="allow")
-    return Plan(spec=spec, sources=tuple(plans), groups=tuple((g.name, g.count) for g in gspecs), m=64, dim=None,
-                hash=f"fake-{seed}")
+    return Plan(
+        spec=spec,
+        sources=tuple(plans),
+        groups=tuple((g.name, g.count) for g in gspecs),
+        m=64,
+        dim=None,
+        hash=f"fake-{seed}",
+    )

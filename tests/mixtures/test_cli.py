@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from infra.cli import main
-from mixtures import load_spec, make_plan
-from mixtures.inspect import lineage_ids
 from tests.mixtures.conftest import spec_text
+from vpit.cli import main
+from vpit.mixtures import load_spec, make_plan
+from vpit.mixtures.inspect import lineage_ids
 
 
 def _tree(root):
@@ -36,7 +36,10 @@ def test_plan_reports_infeasible_spec_without_traceback(mix_data, capsys):
     assert main(["mix", "plan", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert "groups.editing.count: group editing asks for 11 samples but edits needs 11 of 10; lower it to at most 10" in err
+    assert (
+        "groups.editing.count: group editing asks for 11 samples but edits needs 11 of 10; lower it to at most 10"
+        in err
+    )
     assert main(["mix", "plan", str(spec), "--set", "nonsense"]) == 2
     assert "--set 'nonsense': expected KEY=VALUE" in capsys.readouterr().err
 
@@ -45,8 +48,24 @@ def test_inspect_writes_png_and_lineage(mix_data, tmp_path, capsys):
     spec = mix_data["root"] / "cli_inspect.yaml"
     spec.write_text(spec_text(None, und=30, gen=16, edit=6))
     png, lineage = tmp_path / "ratio.png", tmp_path / "ids.jsonl"
-    assert main(["mix", "inspect", str(spec), "--steps", "5", "--batch-size", "8", "--png", str(png),
-                 "--lineage", str(lineage)]) == 0
+    assert (
+        main(
+            [
+                "mix",
+                "inspect",
+                str(spec),
+                "--steps",
+                "5",
+                "--batch-size",
+                "8",
+                "--png",
+                str(png),
+                "--lineage",
+                str(lineage),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "realised batches match the plan's schedule" in out and "OUTSIDE" not in out

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mixtures import MixtureStream, heldout_items, load_spec, make_plan
-from mixtures.catalog import build_catalog, is_heldout
 from tests.mixtures.conftest import spec_text
+from vpit.mixtures import MixtureStream, heldout_items, load_spec, make_plan
+from vpit.mixtures.catalog import build_catalog, is_heldout
 
 
 def _spec(tmp, mix_data, heldout: float, seed: int = 0, und: int = 20, gen: int = 10):
@@ -36,7 +36,7 @@ def test_stream_never_yields_heldout_and_heldout_items_are_the_rest(tmp_path, mi
     for s in spec.sources:
         full = build_catalog(s.path, s.kind, "t")
         shards, positions = full.locate(range(full.size))
-        from mixtures.catalog import RecordReader
+        from vpit.mixtures.catalog import RecordReader
 
         reader = RecordReader(full.root, full.shard_names)
         ids = {reader.record(a, b)["id"] for a, b in zip(shards.tolist(), positions.tolist())}

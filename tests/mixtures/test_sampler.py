@@ -12,9 +12,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mixtures.quota import apportion, group_schedule, split_schedule
-from mixtures.sampler import batch_slots, locate, make_schedule, sample_at, source_items
 from tests.mixtures.helpers import fake_plan
+from vpit.mixtures.quota import apportion, group_schedule, split_schedule
+from vpit.mixtures.sampler import batch_slots, locate, make_schedule, sample_at, source_items
 
 CASES = 150
 

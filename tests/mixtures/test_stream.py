@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mixtures import MixtureStream, load_spec, make_plan
-from mixtures.sampler import make_schedule, sample_at
-from pipelines.token_cache import TokenCache
 from tests.mixtures.conftest import spec_text
+from vpit.mixtures import MixtureStream, load_spec, make_plan
+from vpit.mixtures.sampler import make_schedule, sample_at
+from vpit.pipelines.token_cache import TokenCache
 
 B = 8
 # 3 workers on this 2-core machine is on purpose: the worker count must not matter.
@@ -49,8 +49,9 @@ def test_items_carry_record_and_cached_tokens(plan, mix_data):
     assert [it["index"] for step in steps for it in step] == list(range(plan.total))
     for item in (it for step in steps for it in step):
         rec = item["record"]
-        assert item["id"] == rec["id"] and item["group"] == next(s.group for s in plan.sources
-                                                                   if s.name == item["source"])
+        assert item["id"] == rec["id"] and item["group"] == next(
+            s.group for s in plan.sources if s.name == item["source"]
+        )
         tok = item["tokens"]
         assert tok.dtype == np.float32 and tok.shape == (len(rec["images"]), 4, caches[item["source"]].dim)
     # the tokens are the cache's own rows for the sample the pure sampler names at that index
@@ -118,8 +119,11 @@ def test_no_tokens_without_a_cache(mix_data):
     with pytest.raises(ValueError, match="cache: .* names no token cache"):
         MixtureStream(plan, global_batch_size=4)
     items = [it for b in MixtureStream(plan, global_batch_size=4, with_tokens=False) for it in b]
-    assert "tokens" not in items[0] and Counter(it["group"] for it in items) == {"understanding": 30,
-                                                                                 "generation": 16, "editing": 6}
+    assert "tokens" not in items[0] and Counter(it["group"] for it in items) == {
+        "understanding": 30,
+        "generation": 16,
+        "editing": 6,
+    }
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -129,18 +133,36 @@ def test_random_specs_on_real_shards(mix_data, case):
     random step onto another world size continuing the identical sequence."""
     rng = np.random.default_rng(case)
     allow = bool(rng.random() < 0.5)
-    amounts = {"und": int(rng.integers(1, 100 if allow else 50)), "gen": int(rng.integers(1, 45 if allow else 21)),
-               "edit": int(rng.integers(1, 25 if allow else 11))}
+    amounts = {
+        "und": int(rng.integers(1, 100 if allow else 50)),
+        "gen": int(rng.integers(1, 45 if allow else 21)),
+        "edit": int(rng.integers(1, 25 if allow else 11)),
+    }
     path = mix_data["root"] / f"random{case}.yaml"
-    path.write_text(spec_text(mix_data["fingerprint"], **amounts, seed=int(rng.integers(0, 1000)),
-                              repetition="allow" if allow else "error"))
+    path.write_text(
+        spec_text(
+            mix_data["fingerprint"],
+            **amounts,
+            seed=int(rng.integers(0, 1000)),
+            repetition="allow" if allow else "error",
+        )
+    )
     plan = make_plan(load_spec(path))
     batch = int(rng.integers(4, 17))
     world = int(rng.choice([1, 2, 4]))
 
     def run(world_size, state=None):
-        streams = [MixtureStream(plan, global_batch_size=batch, rank=r, world_size=world_size, with_tokens=False,
-                                 prefetch_batches=int(rng.integers(1, 5))) for r in range(world_size)]
+        streams = [
+            MixtureStream(
+                plan,
+                global_batch_size=batch,
+                rank=r,
+                world_size=world_size,
+                with_tokens=False,
+                prefetch_batches=int(rng.integers(1, 5)),
+            )
+            for r in range(world_size)
+        ]
         for s in streams:
             if state:
                 s.load_state_dict(state)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.build import ModelConfig, build_model
-from model.chat_template import IGNORE, VISUAL_SLOT, ImageTokens, encode_messages, get_template
-from model.generate import encode_prompt, generate
-from train.collate import Collator, truncate
-from train.synthetic import synthetic_items
+from vpit.model.build import ModelConfig, build_model
+from vpit.model.chat_template import IGNORE, VISUAL_SLOT, ImageTokens, encode_messages, get_template
+from vpit.model.generate import encode_prompt, generate
+from vpit.train.collate import Collator, truncate
+from vpit.train.synthetic import synthetic_items
 
 M, D = 16, 32
 
@@ -18,8 +18,9 @@ M, D = 16, 32
 @pytest.fixture(scope="module")
 def vpit():
     torch.manual_seed(0)
-    model, tok = build_model(ModelConfig(tokenizer="qwen2.5", chat_template="chatml", vision_dim=D,
-                                         num_visual_tokens=M))
+    model, tok = build_model(
+        ModelConfig(tokenizer="qwen2.5", chat_template="chatml", vision_dim=D, num_visual_tokens=M)
+    )
     return model.eval(), tok
 
 
@@ -32,10 +33,14 @@ def _editing_item(i: int, rng: np.random.Generator) -> dict:
     """Two images: one input (user), one target (assistant)."""
     tokens = rng.standard_normal((2, M, D)).astype(np.float32)
     tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
-    record = {"id": f"edit:{i}", "messages": [
-        {"role": "system", "content": [{"text": "You edit pictures."}]},
-        {"role": "user", "content": [{"image": 0}, {"text": "Make the circle blue."}]},
-        {"role": "assistant", "content": [{"text": "Done:"}, {"image": 1}, {"text": "Anything else?"}]}]}
+    record = {
+        "id": f"edit:{i}",
+        "messages": [
+            {"role": "system", "content": [{"text": "You edit pictures."}]},
+            {"role": "user", "content": [{"image": 0}, {"text": "Make the circle blue."}]},
+            {"role": "assistant", "content": [{"text": "Done:"}, {"image": 1}, {"text": "Anything else?"}]},
+        ],
+    }
     return {"index": i, "id": record["id"], "source": "edit", "group": "editing", "record": record, "tokens": tokens}
 
 
@@ -54,8 +59,9 @@ def test_template_trains_assistant_content_only_and_images_by_role(vpit):
     model, tok = vpit
     c = model.config
     item = _editing_item(0, np.random.default_rng(0))
-    enc = encode_messages(item["record"]["messages"], tok, get_template("chatml"),
-                          ImageTokens(c.image_start_id, c.image_end_id, M))
+    enc = encode_messages(
+        item["record"]["messages"], tok, get_template("chatml"), ImageTokens(c.image_start_id, c.image_end_id, M)
+    )
     trained = tok.decode([int(i) for i in enc.labels if i != IGNORE])
     assert trained == "Done:<image_start><image_end>Anything else?<|im_end|>"
     slots = enc.input_ids == VISUAL_SLOT
@@ -81,10 +87,10 @@ def test_packed_batch_loss_equals_per_sample_losses(vpit):
         starts = (packed.position_ids[r] == 0).nonzero().flatten().tolist()
         for s in starts:
             at.setdefault("list", []).append((r, s))
-    for k, (single, (r, s)) in enumerate(zip(singles, at["list"])):
+    for single, (r, s) in zip(singles, at["list"]):
         n = single.text_token_loss.shape[1]
-        torch.testing.assert_close(out.text_token_loss[r, s:s + n], single.text_token_loss[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out.vision_token_loss[r, s:s + n], single.vision_token_loss[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.text_token_loss[r, s : s + n], single.text_token_loss[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.vision_token_loss[r, s : s + n], single.vision_token_loss[0], atol=1e-5, rtol=0)
     n_text = sum(s.n_text for s in singles)
     text = sum(s.text_loss.item() * s.n_text for s in singles) / n_text
     vision = sum(s.vision_loss.item() * s.n_vision for s in singles) / sum(s.n_vision for s in singles)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.editing import EditingAdapter, EditingConfig
-from pipelines.ingest import IngestError, run_ingest
-from pipelines.llava import LlavaAdapter, LlavaConfig
-from pipelines.shapes_world import BAD_EDIT_CASES, encode_image, random_edit, random_scene, render, write_edit_triplets
-from pipelines.shards import Dataset
+from vpit.demo.corpora import BAD_EDIT_CASES, write_edit_triplets
+from vpit.pipelines.editing import EditingAdapter, EditingConfig
+from vpit.pipelines.ingest import IngestError, run_ingest
+from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
+from vpit.pipelines.shards import Dataset
+from vpit.shapes import encode_image, random_edit, random_scene, render
 
 N = 12
 
@@ -52,7 +53,7 @@ def test_editing_layouts(tmp_path, ray_local, layout, fmt):
     for sample, (instruction, src, tgt) in zip(ds, _expected_triplets(N), strict=True):
         rec = sample.record
         assert rec["messages"] == [
-            {"role": "user", "content": [{"image": 0}, {"text": instruction}]},                      # source: input
+            {"role": "user", "content": [{"image": 0}, {"text": instruction}]},  # source: input
             {"role": "assistant", "content": [{"text": "Here is the edited image:"}, {"image": 1}]},  # target
         ]
         assert np.array_equal(_pixels(sample.images[0]), src)
@@ -65,18 +66,32 @@ def test_identical_pixels_in_other_encoding_are_quarantined(tmp_path, ray_local)
     img.save(png_fast, format="PNG", compress_level=0)  # other bytes, same pixels
     other = encode_image(render(random_scene(np.random.default_rng(6)), 64))
     rows = [
-        {"source": {"bytes": base64.b64encode(png).decode()}, "instruction": "do nothing",
-         "target": {"bytes": base64.b64encode(png_fast.getvalue()).decode()}},
-        {"source": {"bytes": base64.b64encode(png).decode()}, "instruction": "  ",
-         "target": {"bytes": base64.b64encode(other).decode()}},
-        {"source": {"bytes": "***not base64***"}, "instruction": "x", "target": {"bytes": base64.b64encode(other).decode()}},
-        {"source": {"bytes": base64.b64encode(png).decode()}, "instruction": "swap",
-         "target": {"bytes": base64.b64encode(other).decode()}},
+        {
+            "source": {"bytes": base64.b64encode(png).decode()},
+            "instruction": "do nothing",
+            "target": {"bytes": base64.b64encode(png_fast.getvalue()).decode()},
+        },
+        {
+            "source": {"bytes": base64.b64encode(png).decode()},
+            "instruction": "  ",
+            "target": {"bytes": base64.b64encode(other).decode()},
+        },
+        {
+            "source": {"bytes": "***not base64***"},
+            "instruction": "x",
+            "target": {"bytes": base64.b64encode(other).decode()},
+        },
+        {
+            "source": {"bytes": base64.b64encode(png).decode()},
+            "instruction": "swap",
+            "target": {"bytes": base64.b64encode(other).decode()},
+        },
     ]
     path = tmp_path / "e.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
-    report = run_ingest(EditingAdapter(EditingConfig(input=str(path), layout="generic")), tmp_path / "ds",
-                        workers=1, progress=False)
+    report = run_ingest(
+        EditingAdapter(EditingConfig(input=str(path), layout="generic")), tmp_path / "ds", workers=1, progress=False
+    )
     assert report.samples == 1
     assert report.quarantined == {"identical_images": 1, "missing_field": 1, "unreadable_image": 1, "malformed_json": 1}
 
@@ -95,23 +110,39 @@ def test_visual_thinking_through_llava(tmp_path, ray_local):
     (tmp_path / "cat.png").write_bytes(encode_image(render(random_scene(np.random.default_rng(1)), 32)))
     (tmp_path / "q.png").write_bytes(encode_image(render(random_scene(np.random.default_rng(2)), 32)))
     records = [
-        {"id": "t0", "image": "cat.png", "conversations": [
-            {"from": "human", "value": "Generate an image of the animal with 2+7 lives."},
-            {"from": "gpt", "value": "2+7 = 9, and the animal said to have nine lives is a cat. <image>"}]},
-        {"id": "t1", "image": ["q.png", "cat.png"], "conversations": [
-            {"from": "human", "value": "<image>\nDraw what comes after this."},
-            {"from": "gpt", "value": "Let me think: the next one.\n<image>"}]},
-        {"id": "u0", "image": "q.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "shapes"}]},
+        {
+            "id": "t0",
+            "image": "cat.png",
+            "conversations": [
+                {"from": "human", "value": "Generate an image of the animal with 2+7 lives."},
+                {"from": "gpt", "value": "2+7 = 9, and the animal said to have nine lives is a cat. <image>"},
+            ],
+        },
+        {
+            "id": "t1",
+            "image": ["q.png", "cat.png"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nDraw what comes after this."},
+                {"from": "gpt", "value": "Let me think: the next one.\n<image>"},
+            ],
+        },
+        {
+            "id": "u0",
+            "image": "q.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "shapes"}],
+        },
     ]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    report = run_ingest(LlavaAdapter(LlavaConfig(input=str(path), image_root=str(tmp_path))), tmp_path / "ds",
-                        workers=1, progress=False)
+    report = run_ingest(
+        LlavaAdapter(LlavaConfig(input=str(path), image_root=str(tmp_path))), tmp_path / "ds", workers=1, progress=False
+    )
     assert report.kinds == {"thinking": 2, "understanding": 1}
     t0, t1, u0 = (s.record for s in Dataset(tmp_path / "ds"))
-    assert t0["messages"][1] == {"role": "assistant", "content": [
-        {"text": "2+7 = 9, and the animal said to have nine lives is a cat."}, {"image": 0}]}  # target
+    assert t0["messages"][1] == {
+        "role": "assistant",
+        "content": [{"text": "2+7 = 9, and the animal said to have nine lives is a cat."}, {"image": 0}],
+    }  # target
     assert t0["messages"][0]["content"] == [{"text": "Generate an image of the animal with 2+7 lives."}]
     assert t1["messages"][0]["content"][0] == {"image": 0}  # input
     assert t1["messages"][1]["content"] == [{"text": "Let me think: the next one."}, {"image": 1}]  # target

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ingest import IngestError, run_ingest
-from pipelines.llava import LlavaAdapter, LlavaConfig
-from pipelines.shapes_world import BAD_LLAVA_CASES, write_bad_llava_records, write_llava_dataset
-from pipelines.shards import Dataset
+from vpit.demo.corpora import BAD_LLAVA_CASES, write_bad_llava_records, write_llava_dataset
+from vpit.pipelines.ingest import IngestError, run_ingest
+from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
+from vpit.pipelines.shards import Dataset
 
 N_GOOD = 40
 
@@ -68,8 +68,15 @@ def test_bad_records_quarantined_good_round_trip(tmp_path, ray_local):
 
     assert report.samples == N_GOOD
     assert report.quarantined == {
-        "empty_conversation": 1, "image_too_large": 1, "malformed_json": 1, "missing_image": 1, "non_utf8": 1,
-        "one_sided_conversation": 1, "path_escape": 1, "placeholder_mismatch": 1, "unknown_role": 1,
+        "empty_conversation": 1,
+        "image_too_large": 1,
+        "malformed_json": 1,
+        "missing_image": 1,
+        "non_utf8": 1,
+        "one_sided_conversation": 1,
+        "path_escape": 1,
+        "placeholder_mismatch": 1,
+        "unknown_role": 1,
         "unreadable_image": 2,
     }
     assert sum(report.quarantined.values()) == len(BAD_LLAVA_CASES)
@@ -95,7 +102,9 @@ def test_bad_records_quarantined_good_round_trip(tmp_path, ray_local):
         assert s.record["messages"] == _expected_messages(rec)
         paths = rec.get("image", [])
         paths = [paths] if isinstance(paths, str) else paths
-        assert [i["sha256"] for i in s.record["images"]] == [hashlib.sha256((root / p).read_bytes()).hexdigest() for p in paths]
+        assert [i["sha256"] for i in s.record["images"]] == [
+            hashlib.sha256((root / p).read_bytes()).hexdigest() for p in paths
+        ]
         assert [hashlib.sha256(b).hexdigest() for b in s.images] == [i["sha256"] for i in s.record["images"]]
         assert s.record["kind"] == ("understanding" if paths else "text")
         line = jsonl.read_bytes().split(b"\n")[s.record["origin"]["line"] - 1]
@@ -159,7 +168,11 @@ def test_json_list_input_gives_same_samples(tmp_path, ray_local):
     a = [(s.record["messages"], s.images) for s in Dataset(tmp_path / "from_jsonl")]
     b = [(s.record["messages"], s.images) for s in Dataset(tmp_path / "from_list")]
     assert a == b and len(a) == 20
-    assert Dataset(tmp_path / "from_list").read(0, 0).record["origin"] == {"uri": "data.json", "record": 0, "record_id": "shapes-000000"}
+    assert Dataset(tmp_path / "from_list").read(0, 0).record["origin"] == {
+        "uri": "data.json",
+        "record": 0,
+        "record_id": "shapes-000000",
+    }
 
 
 def test_malformed_json_list_is_a_user_error(tmp_path, ray_local):
@@ -175,7 +188,9 @@ def test_random_access_matches_iteration(tmp_path, ray_local):
     _ingest(jsonl, root, tmp_path / "ds")
     ds = Dataset(tmp_path / "ds")
     in_order = [(s.record, s.images) for s in ds]
-    by_position = [(ds.read(i, p).record, ds.read(i, p).images) for i, sh in enumerate(ds.shards) for p in range(sh["samples"])]
+    by_position = [
+        (ds.read(i, p).record, ds.read(i, p).images) for i, sh in enumerate(ds.shards) for p in range(sh["samples"])
+    ]
     assert by_position == in_order
     assert len(in_order) == len(ds) == N_GOOD
     # reading backwards by position (random access, no scan) gives the same samples

@@ -5,21 +5,20 @@ rendered prompts, existing-folder input, the opt-out switch with SIGKILL-and-res
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from pipelines.ingest import IngestError
-from pipelines.pairs import PairsConfig, ingest_pairs
-from pipelines.shapes_world import BAD_PAIR_CASES, serve_http, write_pairs
-from pipelines.shards import Dataset
-from pipelines.templates import load_templates
+from vpit.common import vpit_argv
+from vpit.demo.corpora import BAD_PAIR_CASES, serve_http, write_pairs
+from vpit.pipelines.ingest import IngestError
+from vpit.pipelines.pairs import PairsConfig, ingest_pairs
+from vpit.pipelines.shards import Dataset
+from vpit.pipelines.templates import load_templates
 
 N = 20
 EXPECTED_QUARANTINE = {"download_disallowed": 1, "download_failed": 1, "missing_field": 1, "unreadable_image": 2}
@@ -60,10 +59,15 @@ def _check_samples(ds: Dataset, info: dict, extra: tuple[int, ...] = ()) -> None
         caption = info["captions"][i]
         assert rec["kind"] == "generation" and rec["caption"] == caption
         user, assistant = rec["messages"]
-        assert user == {"role": "user", "content": [{"text": templates.user("generation", rec["key"], 0, caption=caption)}]}
+        assert user == {
+            "role": "user",
+            "content": [{"text": templates.user("generation", rec["key"], 0, caption=caption)}],
+        }
         assert user["content"][0]["text"] in [t.format(caption=caption) for t in templates.groups["generation"].user]
-        assert assistant == {"role": "assistant", "content": [{"text": "Here is an image based on your request:"},
-                                                              {"image": 0}]}  # the image is the target
+        assert assistant == {
+            "role": "assistant",
+            "content": [{"text": "Here is an image based on your request:"}, {"image": 0}],
+        }  # the image is the target
         assert rec["origin"]["uri"] == info["urls"][i]
         assert s.images[0] == _served(info["www"], info["urls"][i])  # bytes kept as served
     # The seeded rule really varies the prompt, and MetaMorph's default is among them.
@@ -85,16 +89,25 @@ def test_pairs_counts_roles_prompts(served, reference):
     assert quarantine[1]["detail"].endswith("Use of image disallowed by X-Robots-Tag directive")
     _check_samples(ds, info)
     # img2dataset's own output and stats are kept beside our shards.
-    assert stats == {"count": N + 5, "successes": N + 3, "failed_to_download": 2, "failed_to_resize": 0, "shards": 3,
-                     "errors": {"HTTP Error 404: File not found": 1,
-                                "Use of image disallowed by X-Robots-Tag directive": 1}}
-    assert sorted(p.name for p in (out / "img2dataset").glob("*_stats.json")) == [f"0000{i}_stats.json" for i in range(3)]
+    assert stats == {
+        "count": N + 5,
+        "successes": N + 3,
+        "failed_to_download": 2,
+        "failed_to_resize": 0,
+        "shards": 3,
+        "errors": {"HTTP Error 404: File not found": 1, "Use of image disallowed by X-Robots-Tag directive": 1},
+    }
+    assert sorted(p.name for p in (out / "img2dataset").glob("*_stats.json")) == [
+        f"0000{i}_stats.json" for i in range(3)
+    ]
 
 
 def test_existing_img2dataset_folder(served, reference, tmp_path, ray_local):
     root, info = served
     out, _, _ = reference
-    report, _ = ingest_pairs(PairsConfig(input=str(out / "img2dataset"), shard_size=10), tmp_path / "ds", progress=False)
+    report, _ = ingest_pairs(
+        PairsConfig(input=str(out / "img2dataset"), shard_size=10), tmp_path / "ds", progress=False
+    )
     assert report.samples == N and report.quarantined == EXPECTED_QUARANTINE
     # Same img2dataset shards -> byte-identical tars, whatever input form was used.
     assert [s["tar_sha256"] for s in Dataset(tmp_path / "ds").shards] == [s["tar_sha256"] for s in Dataset(out).shards]
@@ -129,9 +142,22 @@ def slow_served(tmp_path_factory):
 def test_kill_during_download_then_resume(slow_served, tmp_path, ray_local):
     root, info = slow_served
     out = tmp_path / "ds"
-    # --allow-opted-out: this run also proves the switch (the noai image becomes a sample).
-    cmd = [sys.executable, "-m", "infra.cli", "ingest", "pairs", str(info["url_list"]), "-o", str(out),
-           "--shard-size", "5", "--threads", "2", "--workers", "1", "--allow-opted-out"]
+    # --no-respect-opt-out: this run also proves the switch (the noai image becomes a sample).
+    cmd = [
+        *vpit_argv(),
+        "ingest",
+        "pairs",
+        str(info["url_list"]),
+        "-o",
+        str(out),
+        "--shard-size",
+        "5",
+        "--threads",
+        "2",
+        "--workers",
+        "1",
+        "--no-respect-opt-out",
+    ]
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stats_dir = out / "img2dataset"
@@ -166,8 +192,11 @@ def test_download_time_limit_kills_the_job(slow_served, tmp_path):
     cfg = PairsConfig(input=str(info["url_list"]), shard_size=5, threads=1, job_timeout_s=2)
     with pytest.raises(IngestError, match=r"img2dataset did not finish within 2s .*re-run to resume"):
         ingest_pairs(cfg, tmp_path / "ds", progress=False)
-    left = [p for p in psutil.Process().children(recursive=True)
-            if p.pid not in before and "img2dataset_job" in " ".join(p.cmdline())]
+    left = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and "img2dataset_job" in " ".join(p.cmdline())
+    ]
     assert _wait_gone(left, 5) == []
 
 

@@ -6,15 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from pipelines.shapes_world import write_llava_dataset
-from pipelines.shards import Dataset, load_manifest
+from vpit.common import vpit_argv
+from vpit.demo.corpora import write_llava_dataset
+from vpit.pipelines.shards import Dataset, load_manifest
 
-VPIT = [sys.executable, "-m", "infra.cli"]
+VPIT = vpit_argv()
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,8 +25,19 @@ def _run(args, **kw):
 def test_sigkill_midway_then_rerun_completes_exactly(tmp_path):
     info = write_llava_dataset(tmp_path / "raw", 1200, seed=7)
     out = tmp_path / "ds"
-    cmd = VPIT + ["ingest", "llava", str(info["jsonl"]), "--image-root", str(tmp_path / "raw"), "-o", str(out),
-                  "--shard-size", "20", "--workers", "1"]
+    cmd = VPIT + [
+        "ingest",
+        "llava",
+        str(info["jsonl"]),
+        "--image-root",
+        str(tmp_path / "raw"),
+        "-o",
+        str(out),
+        "--shard-size",
+        "20",
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -54,15 +65,17 @@ def test_sigkill_midway_then_rerun_completes_exactly(tmp_path):
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
-    r = _run(["ingest", "llava", str(tmp_path / "nope.jsonl"), "--image-root", str(tmp_path), "-o", str(tmp_path / "o")])
+    r = _run(
+        ["ingest", "llava", str(tmp_path / "nope.jsonl"), "--image-root", str(tmp_path), "-o", str(tmp_path / "o")]
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == f"vpit ingest: error: input: {str(tmp_path / 'nope.jsonl')!r} is not a file"
+    assert r.stderr.strip() == f"vpit ingest llava: error: input: {str(tmp_path / 'nope.jsonl')!r} is not a file"
     r = _run(["inspect", str(tmp_path)])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "holds no manifest.json" in r.stderr
 
 
 def test_cli_help_lists_every_command():
-    from infra.cli import COMMANDS
+    from vpit.cli import COMMANDS
 
     r = _run(["--help"])
     assert r.returncode == 0
@@ -74,12 +87,17 @@ def test_cli_help_lists_every_command():
 
 
 def test_inspect_renders_samples_with_lineage(tmp_path, ray_local):
-    from pipelines.ingest import run_ingest
-    from pipelines.llava import LlavaAdapter, LlavaConfig
+    from vpit.pipelines.ingest import run_ingest
+    from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
 
     info = write_llava_dataset(tmp_path / "raw", 12, seed=1)
-    run_ingest(LlavaAdapter(LlavaConfig(input=str(info["jsonl"]), image_root=str(tmp_path / "raw"), source="shapes",
-                                        shard_size=5)), tmp_path / "ds", progress=False)
+    run_ingest(
+        LlavaAdapter(
+            LlavaConfig(input=str(info["jsonl"]), image_root=str(tmp_path / "raw"), source="shapes", shard_size=5)
+        ),
+        tmp_path / "ds",
+        progress=False,
+    )
     r = _run(["inspect", str(tmp_path / "ds"), "-n", "2"])
     assert r.returncode == 0, r.stderr
     assert "samples  12: text 1, understanding 11" in r.stdout

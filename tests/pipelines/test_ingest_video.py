@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.ingest import run_ingest
-from pipelines.shapes_world import (
-    BAD_CLIP_CASES, moving_shape_frames, write_bad_clips, write_clips, write_videoqa_records,
-)
-from pipelines.shards import Dataset
-from pipelines.templates import load_templates
-from pipelines.video import VideoPredictionAdapter, VideoPredictionConfig, VideoQAAdapter, VideoQAConfig
+from vpit.demo.corpora import BAD_CLIP_CASES, moving_shape_frames, write_bad_clips, write_clips, write_videoqa_records
+from vpit.pipelines.ingest import run_ingest
+from vpit.pipelines.shards import Dataset
+from vpit.pipelines.templates import load_templates
+from vpit.pipelines.video import VideoPredictionAdapter, VideoPredictionConfig, VideoQAAdapter, VideoQAConfig
 
 FRAMES = 16
 
@@ -122,16 +120,22 @@ def test_video_qa(clips, tmp_path, ray_local):
     lines = path.read_text().splitlines()
     conv = [{"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "a shape"}]
     bad = [
-        {"id": "b0", "video": "nope.mp4", "conversations": conv},                    # missing_video
-        {"id": "b1", "video": clips["bad"][0].name, "conversations": conv},          # unreadable_video
-        {"id": "b2", "video": clips["bad"][1].name, "conversations": conv},          # too_few_frames (2 < 4)
-        {"id": "b3", "video": "clip-0000.mp4",
-         "conversations": [{"from": "human", "value": "<video> and <video>?"}, conv[1]]},  # placeholder_mismatch
-        {"id": "b4", "video": "../outside.mp4", "conversations": conv},             # path_escape
-        {"id": "b5", "conversations": conv},                                        # missing_field
+        {"id": "b0", "video": "nope.mp4", "conversations": conv},  # missing_video
+        {"id": "b1", "video": clips["bad"][0].name, "conversations": conv},  # unreadable_video
+        {"id": "b2", "video": clips["bad"][1].name, "conversations": conv},  # too_few_frames (2 < 4)
+        {
+            "id": "b3",
+            "video": "clip-0000.mp4",
+            "conversations": [{"from": "human", "value": "<video> and <video>?"}, conv[1]],
+        },  # placeholder_mismatch
+        {"id": "b4", "video": "../outside.mp4", "conversations": conv},  # path_escape
+        {"id": "b5", "conversations": conv},  # missing_field
     ]
-    no_placeholder = {"id": "np", "video": "clip-0001.mp4",
-                      "conversations": [{"from": "human", "value": "Which way?"}, {"from": "gpt", "value": "up"}]}
+    no_placeholder = {
+        "id": "np",
+        "video": "clip-0001.mp4",
+        "conversations": [{"from": "human", "value": "Which way?"}, {"from": "gpt", "value": "up"}],
+    }
     lines += [json.dumps(b) for b in bad] + [json.dumps(no_placeholder)]
     path.write_text("\n".join(lines) + "\n")
 
@@ -139,8 +143,14 @@ def test_video_qa(clips, tmp_path, ray_local):
     report = run_ingest(VideoQAAdapter(cfg), tmp_path / "ds", workers=2, progress=False)
     assert report.samples == len(good) + 1
     assert report.kinds == {"understanding": len(good) + 1}
-    assert report.quarantined == {"missing_video": 1, "unreadable_video": 1, "too_few_frames": 1,
-                                  "placeholder_mismatch": 1, "path_escape": 1, "missing_field": 1}
+    assert report.quarantined == {
+        "missing_video": 1,
+        "unreadable_video": 1,
+        "too_few_frames": 1,
+        "placeholder_mismatch": 1,
+        "path_escape": 1,
+        "missing_field": 1,
+    }
 
     ds = Dataset(tmp_path / "ds")
     samples = list(ds)
@@ -148,8 +158,11 @@ def test_video_qa(clips, tmp_path, ray_local):
         rec = s.record
         assert rec["origin"]["frames"] == [2, 6, 10, 14]  # centres of 4 equal segments of 16 frames
         user, assistant = rec["messages"]
-        assert user == {"role": "user", "content": [{"image": i} for i in range(4)]
-                        + [{"text": f"Which way does the {clip['color']} {clip['shape']} move?"}]}
+        assert user == {
+            "role": "user",
+            "content": [{"image": i} for i in range(4)]
+            + [{"text": f"Which way does the {clip['color']} {clip['shape']} move?"}],
+        }
         assert assistant == {"role": "assistant", "content": [{"text": clip["direction"]}]}  # no targets
         if Path(clip["path"]).is_dir():
             assert s.images[1] == (Path(clip["path"]) / "000006.png").read_bytes()

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from pipelines.ingest import run_ingest
-from pipelines.llava import LlavaAdapter, LlavaConfig
-from pipelines.shapes_world import write_llava_dataset
-from pipelines.shards import Dataset
+from vpit.demo.corpora import write_llava_dataset
+from vpit.pipelines.ingest import run_ingest
+from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
+from vpit.pipelines.shards import Dataset
 
 N = 24
 
@@ -60,10 +60,15 @@ def test_ray_data_reads_shards(dataset, ray_local):
 def test_hf_datasets_reads_shards(dataset, tmp_path):
     import datasets
 
-    from pipelines.interop import hf_features
+    from vpit.pipelines.interop import hf_features
 
-    hf = datasets.load_dataset("webdataset", data_files={"train": dataset.tar_paths()}, split="train",
-                               features=hf_features(dataset.root), cache_dir=str(tmp_path / "hf"))
+    hf = datasets.load_dataset(
+        "webdataset",
+        data_files={"train": dataset.tar_paths()},
+        split="train",
+        features=hf_features(dataset.root),
+        cache_dir=str(tmp_path / "hf"),
+    )
     assert len(hf) == N
     ids = sorted(row["json"]["id"] for row in hf)
     assert ids == sorted(s.id for s in dataset)

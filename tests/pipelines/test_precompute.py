@@ -8,20 +8,20 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from model.encoder import EncoderConfig, decode_image, tiny_encoder
-from pipelines.ingest import run_ingest
-from pipelines.llava import LlavaAdapter, LlavaConfig
-from pipelines.precompute import PrecomputeConfig, run_precompute
-from pipelines.shapes_world import write_llava_dataset
-from pipelines.shards import Dataset
-from pipelines.token_cache import (
+from vpit.common import vpit_argv
+from vpit.demo.corpora import write_llava_dataset
+from vpit.model.encoder import EncoderConfig, decode_image, tiny_encoder
+from vpit.pipelines.ingest import run_ingest
+from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
+from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
+from vpit.pipelines.shards import Dataset
+from vpit.pipelines.token_cache import (
     CacheError,
     TokenCache,
     available_fingerprints,
@@ -40,8 +40,11 @@ def dataset(ray_local, tmp_path_factory) -> Path:
     """96 records in 4 shards of 24: PNG and JPEG images, text-only and two-image samples."""
     out = tmp_path_factory.mktemp("precompute")
     info = write_llava_dataset(out / "raw", 96, seed=0)
-    adapter = LlavaAdapter(LlavaConfig(input=str(info["jsonl"]), image_root=str(out / "raw"), source="shapes",
-                                       shard_size=24, max_pixels=4_000_000))
+    adapter = LlavaAdapter(
+        LlavaConfig(
+            input=str(info["jsonl"]), image_root=str(out / "raw"), source="shapes", shard_size=24, max_pixels=4_000_000
+        )
+    )
     run_ingest(adapter, out / "ds", workers=2, progress=False)
     return out / "ds"
 
@@ -97,8 +100,9 @@ def test_bf16_storage_round_trip_is_exact():
 
 
 def test_a_second_encoder_setting_caches_side_by_side(dataset, cached):
-    bf16 = run_precompute(dataset, EncoderConfig(encoder="tiny", dtype="bf16"), PrecomputeConfig(batch_size=BATCH),
-                          progress=False)
+    bf16 = run_precompute(
+        dataset, EncoderConfig(encoder="tiny", dtype="bf16"), PrecomputeConfig(batch_size=BATCH), progress=False
+    )
     assert bf16.fingerprint != cached.fingerprint
     assert available_fingerprints(dataset) == sorted([cached.fingerprint, bf16.fingerprint])
     a, b = TokenCache(dataset, cached.fingerprint), TokenCache(dataset, bf16.fingerprint)
@@ -109,8 +113,9 @@ def test_a_second_encoder_setting_caches_side_by_side(dataset, cached):
 
 def test_same_tokens_with_one_and_two_actors(dataset, cached, tmp_path):
     two = _fresh_copy(dataset, tmp_path / "two")
-    report = run_precompute(two, TINY, PrecomputeConfig(batch_size=BATCH, actors=2, actor_cpus=0.5, decode_cpus=0.5),
-                            progress=False)
+    report = run_precompute(
+        two, TINY, PrecomputeConfig(batch_size=BATCH, actors=2, actor_cpus=0.5, decode_cpus=0.5), progress=False
+    )
     assert report.fingerprint == cached.fingerprint
     one_files, two_files = _cache_files(dataset, cached.fingerprint), _cache_files(two, report.fingerprint)
     assert len(one_files) == 8 and one_files == two_files  # tokens and offsets, byte for byte
@@ -120,8 +125,11 @@ def test_missing_stale_and_partial_caches_are_refused(dataset, cached, tmp_path)
     root = tmp_path / "ds"
     shutil.copytree(dataset, root)
     fp = cached.fingerprint
-    with pytest.raises(CacheError, match=rf"has no token cache with fingerprint 0123456789abcdef \(all shards missing\); "
-                                         rf"available: [0-9a-f, ]*{fp}[0-9a-f, ]*\. Build it with `vpit precompute {re.escape(str(root))} --encoder"):
+    with pytest.raises(
+        CacheError,
+        match=rf"has no token cache with fingerprint 0123456789abcdef \(all shards missing\); "
+        rf"available: [0-9a-f, ]*{fp}[0-9a-f, ]*\. Build it with `vpit precompute {re.escape(str(root))} --encoder",
+    ):
         TokenCache(root, "0123456789abcdef")
 
     # The dataset changes under the cache: shard 1 is re-ingested with other content.
@@ -136,8 +144,12 @@ def test_missing_stale_and_partial_caches_are_refused(dataset, cached, tmp_path)
 
     tokens = root / "tokens" / fp / "shard-000000.npy"
     tokens.write_bytes(tokens.read_bytes()[:-100])  # truncated behind the marker's back
-    assert check_cache(root, fp) == {"ok": ["shard-000002"], "missing": [], "stale": ["shard-000001"],
-                                     "partial": ["shard-000000", "shard-000003"]}
+    assert check_cache(root, fp) == {
+        "ok": ["shard-000002"],
+        "missing": [],
+        "stale": ["shard-000001"],
+        "partial": ["shard-000000", "shard-000003"],
+    }
 
     # The command the message names redoes exactly the three bad shards.
     report = run_precompute(root, TINY, PrecomputeConfig(batch_size=BATCH), progress=False)
@@ -169,7 +181,7 @@ def _kill_session(sid: int) -> None:
 
 def test_kill_and_resume_matches_an_uninterrupted_run(dataset, cached, tmp_path, capsys):
     root = _fresh_copy(dataset, tmp_path / "ds")
-    cmd = [sys.executable, "-m", "infra.cli", "precompute", str(root), "--encoder", "tiny", "--batch-size", str(BATCH)]
+    cmd = [*vpit_argv(), "precompute", str(root), "--encoder", "tiny", "--batch-size", str(BATCH)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, like a user's run
     markers = root / "tokens" / cached.fingerprint
     with open(tmp_path / "first.log", "wb") as log:
@@ -192,7 +204,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(dataset, cached, tmp_path,
 
     # The same command again, in this process: it joins the test session's warm Ray rather
     # than paying for a second cluster start.
-    from infra.cli import main
+    from vpit.cli import main
 
     assert main(cmd[3:]) == 0
     assert f"{len(states['ok'])} already complete" in capsys.readouterr().out
@@ -201,7 +213,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(dataset, cached, tmp_path,
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from infra.cli import main
+    from vpit.cli import main
 
     assert main(["precompute", str(tmp_path), "--encoder", "tiny"]) == 2
     assert "holds no manifest.json" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines.templates import DEFAULT_TEMPLATES, load_templates, pick_index
+from vpit.pipelines.templates import DEFAULT_TEMPLATES, load_templates, pick_index
 
 
 def test_builtin_templates():
@@ -44,15 +44,27 @@ def test_user_file_overrides(tmp_path):
     assert t.sha256 != load_templates().sha256
 
 
-@pytest.mark.parametrize("text,match", [
-    ("generation: {user: ['Paint {prompt}'], assistant: 'x'}\nvideo_prediction: {user: ['n'], assistant: 'n'}\n"
-     "editing: {user: ['{instruction}'], assistant: 'e'}\n", r"generation.user\[0\] = 'Paint \{prompt\}': must use exactly \{caption\}"),
-    ("generation: {user: ['{caption}'], assistant: 'x'}\n", r"missing groups \['editing', 'video_prediction'\]"),
-    ("generation: {user: [], assistant: 'x'}\nvideo_prediction: {user: ['n'], assistant: 'n'}\n"
-     "editing: {user: ['{instruction}'], assistant: 'e'}\n", r"generation.user: expected a non-empty list"),
-    ("generation: {user: ['{caption'], assistant: 'x'}\nvideo_prediction: {user: ['n'], assistant: 'n'}\n"
-     "editing: {user: ['{instruction}'], assistant: 'e'}\n", r"write literal braces as \{\{ and \}\}"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        (
+            "generation: {user: ['Paint {prompt}'], assistant: 'x'}\nvideo_prediction: {user: ['n'], assistant: 'n'}\n"
+            "editing: {user: ['{instruction}'], assistant: 'e'}\n",
+            r"generation.user\[0\] = 'Paint \{prompt\}': must use exactly \{caption\}",
+        ),
+        ("generation: {user: ['{caption}'], assistant: 'x'}\n", r"missing groups \['editing', 'video_prediction'\]"),
+        (
+            "generation: {user: [], assistant: 'x'}\nvideo_prediction: {user: ['n'], assistant: 'n'}\n"
+            "editing: {user: ['{instruction}'], assistant: 'e'}\n",
+            r"generation.user: expected a non-empty list",
+        ),
+        (
+            "generation: {user: ['{caption'], assistant: 'x'}\nvideo_prediction: {user: ['n'], assistant: 'n'}\n"
+            "editing: {user: ['{instruction}'], assistant: 'e'}\n",
+            r"write literal braces as \{\{ and \}\}",
+        ),
+    ],
+)
 def test_bad_template_files(tmp_path, text, match):
     path = tmp_path / "t.yaml"
     path.write_text(text)

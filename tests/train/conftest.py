@@ -8,15 +8,14 @@ would make every step pay for a 150k-row embedding.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipelines.shapes_world import caption, questions, random_scene
+from vpit.common import subprocess_env, vpit_argv
+from vpit.shapes import caption, questions, random_scene
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,26 +32,20 @@ def shapes_texts(n: int = 400) -> list[str]:
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory) -> str:
-    from model.tokenizer import train_bpe_tokenizer
+    from vpit.model.tokenizer import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("bpe")
     train_bpe_tokenizer(shapes_texts(), vocab_size=400).save_pretrained(folder)
     return str(folder)
 
 
-def run_vpit(args: list[str], nproc: int = 1, timeout: int = 300, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+def run_vpit(
+    args: list[str], nproc: int = 1, timeout: int = 300, **popen
+) -> subprocess.CompletedProcess | subprocess.Popen:
     """`vpit ARGS` in a subprocess; with nproc > 1 under torchrun (gloo, one thread per rank)."""
-    from train.grid import DIST_ENV
-
     # never inherit a rendezvous left in os.environ by a trainer that ran inside the test process
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    if nproc > 1:
-        # --standalone: the rendezvous store binds port 0 itself, so no race for a "free" port
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "infra.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "infra.cli", *args]
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    cmd = vpit_argv(*args, nproc=nproc)
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, **popen)
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -61,15 +54,16 @@ def run_vpit(args: list[str], nproc: int = 1, timeout: int = 300, **popen) -> su
 @pytest.fixture(scope="session")
 def train_mixture(ray_local, tmp_path_factory) -> dict:
     """A real dataset (shard store) with a real token cache (tiny SigLIP, 4 tokens) and a spec."""
-    from model.encoder import EncoderConfig
-    from pipelines.precompute import PrecomputeConfig, run_precompute
     from tests.mixtures.helpers import make_dataset
+    from vpit.model.encoder import EncoderConfig
+    from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
 
     root = tmp_path_factory.mktemp("trainmix")
     U, G, T = "understanding", "generation", "text"
     data = make_dataset(root / "data", "shapes", [[U, G] * 10, [G, U, T] * 6])
-    report = run_precompute(data, EncoderConfig(encoder="tiny", tokens=4), PrecomputeConfig(batch_size=64, actors=1),
-                            progress=False)
+    report = run_precompute(
+        data, EncoderConfig(encoder="tiny", tokens=4), PrecomputeConfig(batch_size=64, actors=1), progress=False
+    )
     spec = root / "mix.yaml"
     spec.write_text(f"""
 seed: 7
@@ -83,7 +77,7 @@ groups:
   understanding: 200
   generation: 120
 """)
-    from mixtures import load_spec, make_plan
+    from vpit.mixtures import load_spec, make_plan
 
     plan = make_plan(load_spec(spec))
     return {"spec": str(spec), "m": plan.m, "d": plan.dim, "hash": plan.hash}

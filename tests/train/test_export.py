@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from infra.cli import main
-from model.build import load_exported
-from train.export import load_checkpoint_model
+from vpit.cli import main
+from vpit.model.build import load_exported
+from vpit.train.export import load_checkpoint_model
 
 
 def test_export_round_trip_gives_the_same_logits(trained_run, tmp_path, capsys):
@@ -17,8 +17,14 @@ def test_export_round_trip_gives_the_same_logits(trained_run, tmp_path, capsys):
     out = tmp_path / "hf"
     assert main(["export", str(trained_run), "-o", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "vpit.json", "projector.safetensors",
-            "vision_head.safetensors", "tokenizer.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "vpit.json",
+        "projector.safetensors",
+        "vision_head.safetensors",
+        "tokenizer.json",
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
 
     ref, _ = load_checkpoint_model(trained_run)  # DeepSpeed's merge of the ZeRO-3 shards
@@ -35,8 +41,21 @@ def test_export_round_trip_gives_the_same_logits(trained_run, tmp_path, capsys):
     # the trained weights, not an initialisation
     assert not torch.equal(ref.projector[0].weight, torch.zeros_like(ref.projector[0].weight))
 
-    assert main(["generate", str(out), "--prompt", "Generate an image of a blue square in the top left on a white "
-                 "background", "-o", str(tmp_path / "gen"), "--max-new-tokens", "40"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(out),
+                "--prompt",
+                "Generate an image of a blue square in the top left on a white background",
+                "-o",
+                str(tmp_path / "gen"),
+                "--max-new-tokens",
+                "40",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "[image 0: 16 x 32 tokens" in printed
     arr = np.load(tmp_path / "gen" / "image-0.npy")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.build import ModelConfig, build_model
-from model.generate import encode_prompt, generate
 from tests.train.conftest import LEARN_STEPS
-from train.export import load_any
-from train.run_log import read_metrics
-from train.synthetic import synthetic_items
+from vpit.model.build import ModelConfig, build_model
+from vpit.model.generate import encode_prompt, generate
+from vpit.train.export import load_any
+from vpit.train.run_log import read_metrics
+from vpit.train.synthetic import synthetic_items
 
 
 def test_text_and_vision_losses_fall(trained_run):
@@ -29,8 +29,9 @@ def _cosines(model, tok, items, force: bool) -> list[float]:
     out = []
     for it in items:
         ids, vis = encode_prompt(model, tok, it["record"]["messages"][:1])
-        gen = generate(model, ids, vis, max_new_tokens=40, stop_ids=(tok.convert_tokens_to_ids("<|im_end|>"),),
-                       force_image=force)
+        gen = generate(
+            model, ids, vis, max_new_tokens=40, stop_ids=(tok.convert_tokens_to_ids("<|im_end|>"),), force_image=force
+        )
         target = it["tokens"][0]
         out.append(float((gen.images[0] * target).sum(-1).mean()) if gen.images else 0.0)
     return out
@@ -44,8 +45,9 @@ def test_generated_tokens_on_held_out_prompts_beat_an_untrained_model(trained_ru
     assert not train_ids & {it["id"] for it in held_out}
     trained = _cosines(model, tok, held_out, force=False)  # must emit <image_start> on its own
     torch.manual_seed(0)
-    untrained_model, _ = build_model(ModelConfig(tokenizer=bpe_tokenizer, chat_template="chatml",
-                                                 vision_dim=32, num_visual_tokens=16))
+    untrained_model, _ = build_model(
+        ModelConfig(tokenizer=bpe_tokenizer, chat_template="chatml", vision_dim=32, num_visual_tokens=16)
+    )
     untrained = _cosines(untrained_model.eval(), tok, held_out, force=True)  # forced: its best chance
     assert np.mean(trained) > np.mean(untrained) + 0.3, (np.mean(trained), np.mean(untrained))
     assert np.mean(trained) > 0.4

@@ -5,14 +5,29 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.metrics import (exact_match, frechet_distance, frechet_distance_gaussians, mean_token_cosine,
-                           multiple_choice_correct, normalize_answer, retrieval_accuracy)
+from vpit.train.metrics import (
+    exact_match,
+    frechet_distance,
+    frechet_distance_gaussians,
+    mean_token_cosine,
+    multiple_choice_correct,
+    normalize_answer,
+    retrieval_accuracy,
+)
 
 
-@pytest.mark.parametrize("pred,answer,same", [
-    ("Two.", "2", True), ("the Red circle!", "red circle", True), ("  top   left ", "top left", True),
-    ("An orange", "orange", True), ("blue", "purple", False), ("3", "three", True), ("twenty", "20", False),
-])
+@pytest.mark.parametrize(
+    "pred,answer,same",
+    [
+        ("Two.", "2", True),
+        ("the Red circle!", "red circle", True),
+        ("  top   left ", "top left", True),
+        ("An orange", "orange", True),
+        ("blue", "purple", False),
+        ("3", "three", True),
+        ("twenty", "20", False),
+    ],
+)
 def test_exact_match_normalisation(pred, answer, same):
     assert exact_match(pred, answer) is same
 
@@ -21,15 +36,28 @@ def test_normalize_answer_exact_output():
     assert normalize_answer("The TWO red, circles.") == "2 red circles"
 
 
-@pytest.mark.parametrize("pred,correct", [("B", True), ("(b)", True), ("B. square", True), ("square", True),
-                                         ("A", False), ("circle", False), ("b. circle", False), ("D", False)])
+@pytest.mark.parametrize(
+    "pred,correct",
+    [
+        ("B", True),
+        ("(b)", True),
+        ("B. square", True),
+        ("square", True),
+        ("A", False),
+        ("circle", False),
+        ("b. circle", False),
+        ("D", False),
+    ],
+)
 def test_multiple_choice(pred, correct):
     assert multiple_choice_correct(pred, ["circle", "square", "triangle"], 1) is correct
 
 
 def test_frechet_distance_closed_form_1d_and_diagonal():
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2 with standard deviations s
-    assert frechet_distance_gaussians(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(4 + 1)
+    assert frechet_distance_gaussians(
+        np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])
+    ) == pytest.approx(4 + 1)
     # diagonal: sum over dimensions of the same
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])

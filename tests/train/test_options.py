@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from infra.cli import main
-from model.build import ModelConfig, build_model
 from tests.train.conftest import run_vpit
-from train.config import load_train_config
-from train.export import load_checkpoint_model
-from train.trainer import lr_schedule
+from vpit.cli import main
+from vpit.model.build import ModelConfig, build_model
+from vpit.train.config import load_train_config
+from vpit.train.export import load_checkpoint_model
+from vpit.train.trainer import lr_schedule
 
 
 def test_stage_1_trains_projector_and_head_only(tmp_path, bpe_tokenizer):
@@ -35,8 +35,9 @@ save_every: 3
     assert res.returncode == 0, res.stderr[-3000:]
     trained, _ = load_checkpoint_model(tmp_path / "run")
     torch.manual_seed(0)  # the trainer's seed: the same initial weights
-    initial, _ = build_model(ModelConfig(tokenizer=bpe_tokenizer, chat_template="chatml", vision_dim=32,
-                                         num_visual_tokens=16))
+    initial, _ = build_model(
+        ModelConfig(tokenizer=bpe_tokenizer, chat_template="chatml", vision_dim=32, num_visual_tokens=16)
+    )
     for name, p in initial.llm.state_dict().items():
         assert torch.equal(p, trained.llm.state_dict()[name]), f"frozen LLM weight {name} changed"
     for part in ("projector", "vision_head"):
@@ -47,20 +48,18 @@ save_every: 3
 
 def test_config_mistakes_name_the_key(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5, chatt_template: chatml}\n"
-                   "data: {synthetic: 10}\n")
+    cfg.write_text(
+        "output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5, chatt_template: chatml}\ndata: {synthetic: 10}\n"
+    )
     with pytest.raises(ValueError, match=r"model: unknown key\(s\) chatt_template"):
         load_train_config(cfg)
-    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {synthetic: 10}\n"
-                   "stage: 3\nlr: -1\n")
+    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {synthetic: 10}\nstage: 3\nlr: -1\n")
     with pytest.raises(ValueError, match=r"(?s)stage: expected one of \[1, 2\], got 3"):
         load_train_config(cfg)
-    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {synthetic: 10}\nlr: -1\n"
-                   "warmup_steps: 500\n")
+    cfg.write_text(
+        "output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {synthetic: 10}\nlr: -1\nwarmup_steps: 500\n"
+    )
     with pytest.raises(ValueError, match=r"(?s)lr: expected > 0.*warmup_steps: expected 0..max_steps"):
-        load_train_config(cfg)
-    cfg.write_text("output_dir: x\nmodel: {llm: tiny, tokenizer: qwen2.5}\ndata: {mixture: m.yaml, synthetic: 5}\n")
-    with pytest.raises(ValueError, match="give exactly one of data.mixture"):
         load_train_config(cfg)
     cfg.write_text("output_dir: x\nmodel: {llm: /no/such/model}\ndata: {synthetic: 10}\n")
     assert main(["train", str(cfg)]) == 2

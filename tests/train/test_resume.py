@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from tests.train.conftest import run_vpit
-from train.checkpoint import complete_checkpoints
-from train.run_log import read_jsonl_by_step, read_metrics
+from vpit.train.checkpoint import complete_checkpoints
+from vpit.train.run_log import read_jsonl_by_step, read_metrics
 
 STEPS = 24
 
@@ -27,9 +27,9 @@ STEPS = 24
 def _config(path: Path, out: Path, mix: dict, tokenizer: str) -> Path:
     path.write_text(f"""
 output_dir: {out}
-model: {{llm: tiny, tokenizer: {tokenizer}, chat_template: chatml, vision_dim: {mix['d']},
-         num_visual_tokens: {mix['m']}, hidden_size: 32, num_heads: 2, intermediate_size: 64}}
-data: {{mixture: {mix['spec']}, max_len: 160, num_workers: 1}}
+model: {{llm: tiny, tokenizer: {tokenizer}, chat_template: chatml, vision_dim: {mix["d"]},
+         num_visual_tokens: {mix["m"]}, hidden_size: 32, num_heads: 2, intermediate_size: 64}}
+data: {{mixture: {mix["spec"]}, max_len: 160, num_workers: 1}}
 micro_batch_size: 3
 grad_accum: 2
 max_steps: {STEPS}
@@ -57,8 +57,7 @@ def test_kill_and_resume_matches_uninterrupted_run_at_world_size_2(tmp_path, tra
 
     # the run to kill: SIGKILL every process of it once it is well past a checkpoint
     cfg = _config(tmp_path / "cut.yaml", cut_dir, train_mixture, bpe_tokenizer)
-    proc = run_vpit(["train", str(cfg)], nproc=2, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL)
+    proc = run_vpit(["train", str(cfg)], nproc=2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if len(read_metrics(cut_dir)) >= 9:

@@ -1,0 +1,107 @@
+"""`vpit grid plan|run|report`: the commands and their printed summaries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from vpit.common import text_table
+from vpit.config import Command, Group, path_field
+from vpit.errors import ConfigError
+from vpit.grid.spec import GridSpec, expand
+
+__all__ = ["grid", "plan_grid", "write_grid_report"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GridOutput:
+    output: str | None = path_field(None)
+    """Grid folder; default: <name>-grid beside the grid's base mixture spec."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GridJob:
+    ray_address: str | None = None
+    """Ray cluster to use; default: RAY_ADDRESS, else a local Ray."""
+
+
+def plan_grid(spec: GridSpec) -> str:
+    """Plan every cell's mixture; raise one error listing every infeasible cell."""
+    from vpit.mixtures import load_spec, make_plan
+
+    rows, problems = [], []
+    for cell in expand(spec):
+        try:
+            plan = make_plan(load_spec(spec.base, cell.overrides))
+        except ValueError as e:
+            problems.append(f"{cell.id}: " + str(e).replace("\n", "\n    "))
+            continue
+        rows.append((cell.id, *(str(cell.values[a]) for a in spec.axes), f"{plan.total:,}", plan.hash))
+    if problems:
+        raise ConfigError(f"{len(problems)} infeasible cell(s) in {spec.name}:\n  " + "\n  ".join(problems))
+    return "\n".join(text_table(("cell", *spec.axes, "total", "plan hash"), rows, left=1))
+
+
+def _out(spec: GridSpec, where: GridOutput) -> Path:
+    return Path(where.output) if where.output else Path(spec.base).parent / f"{spec.name}-grid"
+
+
+def write_grid_report(spec: GridSpec, out: Path) -> dict:
+    from vpit.grid.report import write_report
+    from vpit.grid.run import collect_rows
+
+    rows, failed = collect_rows(out, spec)
+    if not rows:
+        raise ConfigError(f"{out}: no finished cell yet; run `vpit grid run` first")
+    files = write_report(out / "report", rows, list(spec.axes), {a: list(v) for a, v in spec.axes.items()}, failed)
+    (out / "report" / "files.json").write_text(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
+    return files
+
+
+def _print_report(spec: GridSpec, out: Path) -> None:
+    report = write_grid_report(spec, out)
+    print(
+        f"report    {report['markdown']}  ({len(expand(spec))} cells; results.csv, "
+        f"{sum(1 for k in report if k.startswith('heatmap:'))} heatmaps)"
+    )
+
+
+def _run(spec: GridSpec, where: GridOutput, job: GridJob) -> None:
+    from vpit.grid.run import run_grid
+
+    plan_grid(spec)  # an infeasible cell fails here, before anything trains
+    out = _out(spec, where)
+    print(run_grid(spec, out, ray_address=job.ray_address).summary())
+    _print_report(spec, out)
+
+
+grid = Group(
+    summary="mixture ablation grids: plan, run on Ray, report",
+    description="Mixture ablation grids: a base mixture, axes of dotted overrides (e.g. groups.understanding.count: "
+    "[1M, 4M, 7M]), a training config and seeds. `plan` checks every cell before anything runs; `run` trains and "
+    "evaluates each cell as a Ray task (re-runs skip finished cells and resume interrupted ones); `report` writes "
+    "the table, heatmaps and summary.",
+    commands={
+        "plan": Command(
+            summary="expand the grid and plan every cell's mixture; writes nothing",
+            run=lambda spec: print(plan_grid(spec)),
+            configs=(GridSpec,),
+            config_arg="GRID",
+        ),
+        "run": Command(
+            summary="train + evaluate every unfinished cell on Ray, then write the report",
+            run=_run,
+            configs=(GridSpec, GridOutput, GridJob),
+            config_arg="GRID",
+            short={"output": "-o"},
+        ),
+        "report": Command(
+            summary="results.csv/.parquet, heatmap PNGs, correlation PNG, report.md",
+            run=lambda spec, where: _print_report(spec, _out(spec, where)),
+            configs=(GridSpec, GridOutput),
+            config_arg="GRID",
+            short={"output": "-o"},
+        ),
+    },
+)

@@ -1,0 +1,140 @@
+"""`vpit grid run`: every cell of a grid trains and evaluates as its own Ray task.
+
+A cell's task launches the ordinary trainer (`vpit train`, under torchrun when it holds
+more than one GPU) as a subprocess with the cell's mixture overrides, then evaluates the
+result, and writes `result.json` last: that file is the cell's completion marker. A re-run
+skips cells with a result, resumes the others from their latest checkpoint (`--resume`),
+and a cell that fails is reported without stopping the rest. The same code runs on a local
+Ray here and on a cluster through `--ray-address`.
+
+Layout of a grid folder:
+
+    grid.json                      the resolved grid spec
+    cells/<cell id>/cell.json      the cell's axis values, seed, overrides
+    cells/<cell id>/run/           the training run (checkpoints, metrics.jsonl, loss.png, eval/)
+    cells/<cell id>/result.json    final metrics, written last
+    cells/<cell id>/error.txt      why it failed (the end of the trainer's output)
+    report/                        results table, heatmaps, correlation plot, report.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from vpit.common import init_ray, save_json_atomic, subprocess_env, vpit_argv
+from vpit.grid.spec import Cell, GridSpec, expand
+
+__all__ = ["GridRun", "collect_rows", "run_grid", "train_and_eval_cell"]
+
+
+@dataclasses.dataclass
+class GridRun:
+    out: Path
+    finished: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    seconds: float
+
+    def summary(self) -> str:
+        lines = [
+            f"grid      {self.out}",
+            f"cells     {len(self.finished) + len(self.skipped) + len(self.failed)}: {len(self.finished)} run now, "
+            f"{len(self.skipped)} already finished, {len(self.failed)} failed",
+            f"time      {self.seconds:.0f}s",
+        ]
+        lines += [
+            f"  FAILED {cell}: {_last_line(err)}  (see cells/{cell}/train.log)" for cell, err in self.failed.items()
+        ]
+        return "\n".join(lines)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def train_and_eval_cell(spec: GridSpec, cell: Cell, cell_dir: Path, gpus: int = 0) -> dict[str, Any]:
+    """Train (or resume) one cell, evaluate it, write result.json. Raises with the trainer's
+    output tail on failure. Pure function of (spec, cell): it can run on any node."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / "cell.json").write_text(
+        json.dumps({"id": cell.id, "values": cell.values, "seed": cell.seed, "overrides": cell.overrides}, indent=1)
+        + "\n"
+    )
+    run_dir = cell_dir / "run"
+    sets = {
+        "output_dir": str(run_dir),
+        "data.mixture": str(spec.base),
+        "data.mixture_overrides": cell.overrides,
+        "seed": cell.seed,
+        "eval_every": spec.eval.every_steps,
+        "eval_suite": list(spec.eval.suite),
+    }
+    args = ["train", str(spec.train), "--resume"] + [f"--set={k}={json.dumps(v)}" for k, v in sets.items()]
+    log = cell_dir / "train.log"
+    # A cell is its own world: it never inherits the rendezvous of the process that launched it.
+    env = subprocess_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    with open(log, "ab") as f:
+        proc = subprocess.run(vpit_argv(*args, nproc=gpus), cwd=cell_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        (cell_dir / "error.txt").write_text(tail)
+        raise RuntimeError(f"training exited with {proc.returncode}:\n{tail}")
+    from vpit.train.evaluate import evaluate_run
+
+    metrics = evaluate_run(run_dir, suite=spec.eval.suite)
+    result = {"cell": cell.id, "seed": cell.seed, **cell.values, **metrics}
+    save_json_atomic(cell_dir / "result.json", result)
+    (cell_dir / "error.txt").unlink(missing_ok=True)
+    return result
+
+
+def collect_rows(out: Path, spec: GridSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(results of finished cells, failed cells) in expansion order."""
+    rows, failed = [], []
+    for cell in expand(spec):
+        d = out / "cells" / cell.id
+        if (d / "result.json").is_file():
+            rows.append(json.loads((d / "result.json").read_text()))
+        elif (d / "error.txt").is_file():
+            failed.append({"cell": cell.id, "error": _last_line((d / "error.txt").read_text(errors="replace"))})
+    return rows, failed
+
+
+def run_grid(spec: GridSpec, out: str | Path, *, ray_address: str | None = None, progress: bool = True) -> GridRun:
+    import ray
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "grid.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1, default=str) + "\n")
+    cells = expand(spec)
+    skipped = [c.id for c in cells if (out / "cells" / c.id / "result.json").is_file()]
+    todo = [c for c in cells if c.id not in skipped]
+    finished, failed = [], {}
+    if todo:
+        init_ray(ray_address)
+        task = ray.remote(train_and_eval_cell).options(
+            num_cpus=spec.resources.num_cpus, num_gpus=spec.resources.num_gpus, max_retries=0
+        )
+        pending = {task.remote(spec, c, out / "cells" / c.id, int(spec.resources.num_gpus)): c for c in todo}
+        bar = tqdm(total=len(cells), initial=len(skipped), desc="grid cells", unit="cell", disable=not progress)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(done[0])
+            try:
+                ray.get(done[0])
+                finished.append(cell.id)
+            except Exception as e:  # a failed cell is reported; the others go on
+                err = out / "cells" / cell.id / "error.txt"
+                failed[cell.id] = err.read_text(errors="replace") if err.is_file() else f"{type(e).__name__}: {e}"
+            bar.update(1)
+        bar.close()
+    return GridRun(out=out, finished=finished, skipped=skipped, failed=failed, seconds=time.perf_counter() - t0)

@@ -1,0 +1,139 @@
+"""`vpit ingest llava|pairs|video|videoqa|editing`, `vpit precompute`, `vpit inspect`.
+
+Each command is its config dataclasses plus a function; `vpit.cli` makes the flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vpit.config import Command, Group, path_field
+from vpit.model.encoder import EncoderConfig
+from vpit.pipelines.editing import EditingAdapter, EditingConfig
+from vpit.pipelines.ingest import IngestJob, IngestReport, run_ingest
+from vpit.pipelines.inspect import InspectConfig, describe_dataset
+from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
+from vpit.pipelines.pairs import PairsConfig, ingest_pairs
+from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
+from vpit.pipelines.video import VideoPredictionAdapter, VideoPredictionConfig, VideoQAAdapter, VideoQAConfig
+
+__all__ = ["ingest", "inspect", "precompute"]
+
+
+def _report(report: IngestReport) -> None:
+    if report.shards_written == 0:
+        print(f"nothing to do: all {report.shards_total} shards of {report.output} are already complete")
+    print(report.summary())
+
+
+def _adapter_command(adapter_cls, config_cls, summary: str, description: str) -> Command:
+    def run(config, job: IngestJob) -> None:
+        _report(run_ingest(adapter_cls(config), job.output, workers=job.workers, ray_address=job.ray_address))
+
+    return Command(
+        summary=summary,
+        description=description,
+        run=run,
+        configs=(config_cls, IngestJob),
+        positional=("input",),
+        short={"output": "-o"},
+    )
+
+
+def _ingest_pairs(config: PairsConfig, job: IngestJob) -> None:
+    report, stats = ingest_pairs(config, job.output, workers=job.workers, ray_address=job.ray_address)
+    errors = "".join(f"\n  {n:>6}  {msg}" for msg, n in stats["errors"].items())
+    print(
+        f"img2dataset  {stats['count']} URLs in {stats['shards']} shards: {stats['successes']} downloaded, "
+        f"{stats['failed_to_download']} failed to download, {stats['failed_to_resize']} failed to resize"
+        + (f"; top errors:{errors}" if errors else "")
+    )
+    _report(report)
+
+
+ingest = Group(
+    summary="raw source -> instruction shards (Ray Data job)",
+    description="Ingest a raw source into WebDataset shards with an index and a manifest. Bad records go to "
+    "quarantine.jsonl with a reason; a re-run resumes, skipping complete shards.",
+    commands={
+        "llava": _adapter_command(
+            LlavaAdapter,
+            LlavaConfig,
+            "LLaVA/Cambrian-format JSON or JSONL -> understanding samples",
+            "Ingest LLaVA/Cambrian-format records (JSON list or JSONL with id, image, conversations).",
+        ),
+        "pairs": Command(
+            summary="image-text URL list (MetaCLIP-style) -> generation samples, downloaded with img2dataset",
+            description="Download a URL list with img2dataset (webdataset output and its stats kept under "
+            "OUTPUT/img2dataset) and turn each pair into a generation sample: user 'Generate an image of {caption}' "
+            "(a seeded template variant), assistant 'Here is an image based on your request:' + the image as target. "
+            "Failed downloads go to quarantine with img2dataset's error message; images whose X-Robots-Tag opts "
+            "out of AI use are skipped unless --no-respect-opt-out. INPUT may also be an existing img2dataset "
+            "webdataset output folder. A killed run resumes (download and conversion) when re-run.",
+            run=_ingest_pairs,
+            configs=(PairsConfig, IngestJob),
+            positional=("input",),
+            short={"output": "-o"},
+        ),
+        "video": _adapter_command(
+            VideoPredictionAdapter,
+            VideoPredictionConfig,
+            "video files or frame folders -> video-prediction samples",
+            "INPUT is a folder of clips (video files decoded with PyAV, or sub-folders of frame images); each "
+            "sample shows k frames STRIDE apart and the assistant predicts the next PREDICT frame(s) as image "
+            "targets. Unreadable clips and clips with too few frames go to quarantine.",
+        ),
+        "videoqa": _adapter_command(
+            VideoQAAdapter,
+            VideoQAConfig,
+            "LLaVA records with a `video` field -> video-QA understanding samples",
+            "INPUT is a JSON/JSONL file of LLaVA records with a `video` field (relative to --video-root); FRAMES "
+            "frames are sampled uniformly and become the input images of an understanding sample.",
+        ),
+        "editing": _adapter_command(
+            EditingAdapter,
+            EditingConfig,
+            "(source, instruction, target) triplets -> editing samples",
+            "Ingest image-editing triplets from JSONL or parquet: user = source image + instruction, assistant = "
+            "'Here is the edited image:' + target image as prediction target. Images may be paths or inline bytes "
+            "({bytes, path} structs as in the InstructPix2Pix and MagicBrush datasets; base64 in JSONL).",
+        ),
+    },
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PrecomputeJob:
+    """Which dataset and which cluster; nothing here changes the tokens."""
+
+    dataset: str = path_field()
+    """Dataset folder (holds manifest.json)."""
+    ray_address: str | None = None
+    """Ray cluster to join (ray://head:10001, auto); default: RAY_ADDRESS, else a local Ray."""
+
+
+def _precompute(encoder: EncoderConfig, config: PrecomputeConfig, job: PrecomputeJob) -> None:
+    report = run_precompute(job.dataset, encoder, config, ray_address=job.ray_address)
+    if report.shards_written == 0:
+        print(f"nothing to do: all {report.shards_total} shards of {report.dataset} are already cached")
+    print(report.summary())
+
+
+precompute = Command(
+    summary="images -> cached frozen-encoder visual tokens (Ray job)",
+    description="Encode every image of DATASET once with a frozen vision encoder and store its visual tokens in "
+    "DATASET/tokens/<fingerprint>/ (one memory-mappable .npy per shard, aligned with the shard index). The "
+    "fingerprint hashes every setting that changes the numbers, so caches of several encoders live side by side. "
+    "Runs as a Ray Data job with one encoder per actor (one actor per GPU on a GPU cluster); a re-run skips "
+    "complete shards and redoes partial or stale ones.",
+    run=_precompute,
+    configs=(EncoderConfig, PrecomputeConfig, PrecomputeJob),
+    positional=("dataset",),
+)
+
+inspect = Command(
+    summary="print a dataset's manifest summary and render samples",
+    run=lambda cfg: print(describe_dataset(cfg.path, n=cfg.n, quarantine=cfg.quarantine)),
+    configs=(InspectConfig,),
+    positional=("path",),
+)
