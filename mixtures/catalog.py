@@ -18,12 +18,12 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from vpit.errors import ConfigError
 from vpit.pipelines.shards import load_manifest
+from vpit.records import Record, ShardIndex
 
 __all__ = ["Catalog", "RecordReader", "build_catalog", "is_heldout"]
 
@@ -61,7 +61,7 @@ class Catalog:
         return shard, pos
 
 
-def _read_index(root: Path, name: str) -> dict[str, Any]:
+def _read_index(root: Path, name: str) -> ShardIndex:
     return json.loads((root / "shards" / f"{name}.idx.json").read_text(encoding="utf-8"))
 
 
@@ -147,7 +147,7 @@ class RecordReader:
                 fd = self._fds[shard]
         return fd
 
-    def record(self, shard: int, position: int) -> dict[str, Any]:
+    def record(self, shard: int, position: int) -> Record:
         fd = self._open(shard)
         offset, size = self._members[shard][position]
         return json.loads(os.pread(fd, size, offset))

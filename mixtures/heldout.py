@@ -7,18 +7,17 @@ cell of a grid, every seed and every world size: no cell trains on another's tes
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from vpit.errors import ConfigError
 from vpit.mixtures.catalog import RecordReader, build_catalog
 from vpit.mixtures.spec import MixtureSpec
+from vpit.records import StreamItem
 
 __all__ = ["heldout_items"]
 
 
-def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[dict[str, Any]]:
+def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[StreamItem]:
     """Held-out items of every source, in source then shard order, shaped like stream items
     (`record`, `tokens` when the spec names a cache). At most `max_per_source` per source,
     taken evenly across the source so every shard is represented."""
@@ -27,7 +26,7 @@ def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[
             f"{spec.origin}: heldout is 0, so there is nothing to evaluate on; set e.g. heldout: 0.02 "
             "in the mixture spec (and retrain: the split changes which samples train)"
         )
-    items: list[dict[str, Any]] = []
+    items: list[StreamItem] = []
     for s in spec.sources:
         cat = build_catalog(s.path, s.kind, f"sources.{s.name}.path", heldout=spec.heldout, split="heldout")
         n = cat.size if max_per_source is None else min(cat.size, max_per_source)

@@ -29,6 +29,7 @@ from vpit.errors import ConfigError
 from vpit.mixtures.catalog import RecordReader
 from vpit.mixtures.plan import Plan
 from vpit.mixtures.sampler import batch_slots, locate, make_schedule
+from vpit.records import StreamItem
 
 __all__ = ["MixtureStream"]
 
@@ -146,7 +147,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         k0 = self.schedule.batch_of(self._consumed) if self._consumed < self.schedule.starts[-1] else self.num_batches
         return range(k0 + worker, self.num_batches, workers)
 
-    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+    def __iter__(self) -> Iterator[list[StreamItem]]:
         in_main = torch.utils.data.get_worker_info() is None
         readers = [RecordReader(s.catalog.root, s.catalog.shard_names) for s in self.plan.sources]
         caches = self._open_caches() if self.with_tokens else None
@@ -179,7 +180,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
         return [TokenCache(s.catalog.root, self.plan.spec.cache) for s in self.plan.sources]
 
-    def _load(self, k: int, readers: list[RecordReader], caches: list | None) -> list[dict[str, Any]]:
+    def _load(self, k: int, readers: list[RecordReader], caches: list | None) -> list[StreamItem]:
         src, draw = batch_slots(self.plan, self.schedule, k)
         lo, hi = self.rank_slice(k)
         src, draw = src[lo:hi], draw[lo:hi]

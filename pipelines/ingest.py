@@ -25,6 +25,7 @@ from vpit.config import path_field
 from vpit.errors import ConfigError, VpitError
 from vpit.pipelines.sample import Rejected, Sample
 from vpit.pipelines.shards import FORMAT_VERSION, load_manifest, shard_name, write_shard
+from vpit.records import Manifest, QuarantineLine, ShardEntry
 
 __all__ = [
     "Adapter",
@@ -120,9 +121,9 @@ class Adapter:
         return {"adapter": self.source_kind, **dataclasses.asdict(self.config)}
 
 
-def ingest_shard(adapter: Adapter, root: Path, shard: int, task: dict[str, Any]) -> dict[str, Any]:
+def ingest_shard(adapter: Adapter, root: Path, shard: int, task: dict[str, Any]) -> ShardEntry:
     """Convert and write one shard; return its manifest entry. Pure function of its inputs."""
-    rejected: list[dict[str, Any]] = []
+    rejected: list[QuarantineLine] = []
 
     def good() -> Iterator[tuple[str, Sample]]:
         for rec in adapter.read(task):
@@ -156,7 +157,7 @@ def _finish_after(items: Iterator, on_end) -> Iterator:
     on_end()
 
 
-def _write_quarantine(path: Path, rejected: list[dict[str, Any]]) -> None:
+def _write_quarantine(path: Path, rejected: list[QuarantineLine]) -> None:
     path.write_text(
         "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8"
     )
@@ -193,7 +194,7 @@ def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _done_shards(root: Path, manifest: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+def _done_shards(root: Path, manifest: Manifest | None) -> dict[int, ShardEntry]:
     """Shards with a manifest entry and an index whose tar is whole on disk."""
     done = {}
     for entry in (manifest or {}).get("shards", []):
@@ -204,7 +205,7 @@ def _done_shards(root: Path, manifest: dict[str, Any] | None) -> dict[int, dict[
     return done
 
 
-def _write_manifest(root: Path, config: dict[str, Any], n_shards: int, done: dict[int, dict[str, Any]]) -> dict:
+def _write_manifest(root: Path, config: dict[str, Any], n_shards: int, done: dict[int, ShardEntry]) -> Manifest:
     shards = [done[i] for i in sorted(done)]
     kinds: Counter = Counter()
     quarantined: Counter = Counter()

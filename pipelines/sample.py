@@ -11,11 +11,11 @@ import dataclasses
 import hashlib
 import io
 import warnings
-from typing import Any
 
 from PIL import Image
 
 from vpit.errors import ConfigError
+from vpit.records import ImageEntry, Part, Record
 
 __all__ = [
     "KINDS",
@@ -69,7 +69,7 @@ class Rejected(Exception):
 class Sample:
     """One instruction sample: its JSON record and the stored bytes of each image member."""
 
-    record: dict[str, Any]
+    record: Record
     images: list[bytes]
 
     @property
@@ -109,7 +109,7 @@ def check_image(data: bytes, where: str, max_pixels: int) -> tuple[str, int, int
     return _FORMAT_EXT[fmt], width, height
 
 
-def image_entry(index: int, data: bytes, where: str, max_pixels: int) -> dict[str, Any]:
+def image_entry(index: int, data: bytes, where: str, max_pixels: int) -> ImageEntry:
     """Validate one image and return its entry for the record's `images` list."""
     ext, width, height = check_image(data, where, max_pixels)
     return {
@@ -120,13 +120,13 @@ def image_entry(index: int, data: bytes, where: str, max_pixels: int) -> dict[st
     }
 
 
-def split_placeholders(text: str, next_image: int, placeholder: str = "<image>") -> list[dict[str, Any]]:
+def split_placeholders(text: str, next_image: int, placeholder: str = "<image>") -> list[Part]:
     """Split `text` at placeholders into content parts, numbering images from `next_image`.
 
     Whitespace that only separates a placeholder from text (LLaVA writes "<image>\\n") is
     dropped; everything else is kept as written.
     """
-    parts: list[dict[str, Any]] = []
+    parts: list[Part] = []
     pieces = text.split(placeholder)
     for i, piece in enumerate(pieces):
         if i > 0:

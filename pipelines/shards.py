@@ -22,11 +22,11 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from vpit.common import save_json_atomic
 from vpit.errors import InputError
 from vpit.pipelines.sample import Sample
+from vpit.records import Manifest, QuarantineLine, ShardEntry, ShardIndex
 
 __all__ = [
     "FORMAT_VERSION",
@@ -55,7 +55,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -> dict[str, Any]:
+def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -> ShardIndex:
     """Write one shard's tar and then its index; return the index.
 
     `samples` yields (key, sample) in shard order. The index is written last, by atomic
@@ -98,7 +98,7 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
     return idx
 
 
-def load_manifest(root: Path) -> dict[str, Any] | None:
+def load_manifest(root: Path) -> Manifest | None:
     path = Path(root) / MANIFEST
     if not path.exists():
         return None
@@ -152,7 +152,7 @@ class Dataset:
         self._readers: dict[int, ShardReader] = {}
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
+    def shards(self) -> list[ShardEntry]:
         return self.manifest["shards"]
 
     def __len__(self) -> int:
@@ -173,7 +173,7 @@ class Dataset:
     def tar_paths(self) -> list[str]:
         return [str(self.root / "shards" / f"{s['name']}.tar") for s in self.shards]
 
-    def quarantine(self) -> list[dict[str, Any]]:
+    def quarantine(self) -> list[QuarantineLine]:
         path = self.root / "quarantine.jsonl"
         if not path.exists():
             return []

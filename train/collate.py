@@ -22,6 +22,7 @@ import torch
 
 from vpit.errors import ConfigError
 from vpit.model.chat_template import IGNORE, VISUAL_SLOT, ChatTemplate, Encoded, ImageTokens, encode_messages
+from vpit.records import StreamItem
 
 __all__ = ["Collator", "PackedBatch", "pack", "truncate"]
 
@@ -141,7 +142,7 @@ class Collator:
         if self.overflow not in ("truncate", "drop"):
             raise ConfigError(f"overflow: expected 'truncate' or 'drop', got {self.overflow!r}")
 
-    def encode(self, item: dict[str, Any]) -> tuple[Encoded, np.ndarray]:
+    def encode(self, item: StreamItem) -> tuple[Encoded, np.ndarray]:
         """One item -> its tokens and the visual token of each slot, checked against the model."""
         enc = encode_messages(item["record"]["messages"], self.tokenizer, self.template, self.image)
         tokens = item.get("tokens")
@@ -160,7 +161,7 @@ class Collator:
             visual = np.zeros((0, d), np.float32)
         return enc, visual
 
-    def __call__(self, items: list[dict[str, Any]]) -> PackedBatch:
+    def __call__(self, items: list[StreamItem]) -> PackedBatch:
         kept, truncated, dropped = [], 0, 0
         for item in items:
             enc, visual = self.encode(item)

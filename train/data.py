@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from vpit.errors import ConfigError
+from vpit.records import StreamItem
 
 __all__ = ["BatchSource", "ListSource", "MixtureSource", "make_source"]
 
@@ -29,7 +30,7 @@ class BatchSource(Protocol):
 class ListSource:
     """Global micro batch k is items [k*B, (k+1)*B) (cycling); rank r takes its fixed slice."""
 
-    def __init__(self, items: list[dict[str, Any]], global_batch_size: int):
+    def __init__(self, items: list[StreamItem], global_batch_size: int):
         self.items, self.global_batch_size = items, global_batch_size
         self.token_shape = None
         self.plan_hash = f"list-{len(items)}-{items[0]['id'] if items else ''}"
@@ -37,7 +38,7 @@ class ListSource:
     def num_batches(self) -> int | None:
         return None  # cycles forever
 
-    def rank_lists(self, start: int, rank: int, world_size: int) -> Iterator[list[dict[str, Any]]]:
+    def rank_lists(self, start: int, rank: int, world_size: int) -> Iterator[list[StreamItem]]:
         per = self.global_batch_size // world_size
         k = start
         while True:

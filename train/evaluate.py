@@ -23,6 +23,7 @@ import torch
 from vpit.errors import ConfigError
 from vpit.model.chat_template import ImageTokens, get_template, stop_ids
 from vpit.model.generate import encode_prompt, generate
+from vpit.records import Message, Record, StreamItem
 from vpit.train.collate import Collator
 from vpit.train.metrics import (
     exact_match,
@@ -37,7 +38,7 @@ __all__ = ["evaluate_items", "evaluate_run", "split_prompt", "write_eval"]
 UNDERSTANDING_KINDS = ("understanding", "text", "video")
 
 
-def split_prompt(record: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+def split_prompt(record: Record) -> tuple[list[Message], Message] | None:
     """(turns before the first assistant turn, that assistant turn), or None if there is none."""
     for i, msg in enumerate(record["messages"]):
         if msg["role"] == "assistant":
@@ -45,11 +46,11 @@ def split_prompt(record: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
     return None
 
 
-def _answer_text(msg: dict[str, Any]) -> str:
+def _answer_text(msg: Message) -> str:
     return " ".join(p["text"] for p in msg["content"] if "text" in p)
 
 
-def _target_image(msg: dict[str, Any]) -> int | None:
+def _target_image(msg: Message) -> int | None:
     images = [p["image"] for p in msg["content"] if "image" in p]
     return images[0] if images else None
 
@@ -58,7 +59,7 @@ def _target_image(msg: dict[str, Any]) -> int | None:
 def evaluate_items(
     model,
     tokenizer,
-    items: list[dict[str, Any]],
+    items: list[StreamItem],
     suite: tuple[str, ...] = ("understanding", "generation"),
     max_new_tokens: int = 16,
     n_candidates: int = 16,

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vpit.common import is_verbose, muted
 from vpit.errors import ConfigError, InputError
 from vpit.infra import config_file
 
@@ -40,9 +41,23 @@ class DistInfo:
         return self.device.type == "cuda"
 
 
+def _deepspeed():
+    """DeepSpeed, imported quietly: its import announces the accelerator and builds a comm op."""
+    import logging
+
+    with muted():
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()
+    if not is_verbose():  # DeepSpeed's logger resets its own level when first imported
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
 def init_distributed() -> DistInfo:
     """Join the process group that `deepspeed`/`torchrun` set up, or make a world of one."""
-    import deepspeed
+    deepspeed = _deepspeed()
 
     on_gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
@@ -55,7 +70,8 @@ def init_distributed() -> DistInfo:
         os.unlink(path)
         kwargs = {"init_method": f"file://{path}", "rank": 0, "world_size": 1}
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, **kwargs)
+        with muted():  # the first init on a machine compiles DeepSpeed's shared-memory comm op
+            deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, **kwargs)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if on_gpu:
         torch.cuda.set_device(local)
@@ -100,7 +116,7 @@ def initialize(
 ) -> Any:
     """The ZeRO-3 engine, with torch AdamW over the trainable parameters (unless the JSON names
     its own optimizer, as CPU-offload configs do) and a LambdaLR schedule."""
-    import deepspeed
+    deepspeed = _deepspeed()
 
     params = [p for p in model.parameters() if p.requires_grad]
     if "optimizer" in config:
@@ -109,13 +125,14 @@ def initialize(
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
         config["zero_allow_untested_optimizer"] = True  # DeepSpeed's allow-list check for client optimizers
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=params if optimizer is None else None,
-        config=config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )
+    with muted():  # op-builder probes (a linker looking for libaio), config dumps
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=params if optimizer is None else None,
+            config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
     return engine
 
 
@@ -131,4 +148,5 @@ def read_zero3_state_dict(checkpoint_root: str | Path, tag: str) -> dict[str, to
     without a process group (DeepSpeed's zero_to_fp32)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
+    with muted():  # it prints every step of the merge
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)

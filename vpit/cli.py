@@ -75,9 +75,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, cmd: Command, prefix
                 dest, nargs="?", type=CliValue, default=argparse.SUPPRESS, help=text, metavar=f.name.upper()
             )
             continue
-        flags = [("-" if len(dest) == 1 else "--") + dest.replace("_", "-")] + (
-            [cmd.short[dest]] if dest in cmd.short else []
-        )
+        flags = (["-" + dest] if len(dest) == 1 else []) + ["--" + dest.replace("_", "-")]
+        flags += [cmd.short[dest]] if dest in cmd.short else []
         if tp is bool:
             parser.add_argument(
                 *flags, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text

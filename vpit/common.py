@@ -6,15 +6,27 @@ Kept in one small module so that no stage imports another stage just for a helpe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DIST_ENV", "init_ray", "pyplot", "quiet", "save_json_atomic", "subprocess_env", "text_table", "vpit_argv"]
+__all__ = [
+    "DIST_ENV",
+    "init_ray",
+    "muted",
+    "pyplot",
+    "quiet",
+    "save_json_atomic",
+    "subprocess_env",
+    "text_table",
+    "vpit_argv",
+]
 
 # Third-party libraries that phone home at import; vpit is offline by design.
 for _key, _value in (
@@ -63,6 +75,39 @@ def quiet(on: bool = True) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     for name in ("DeepSpeed", "deepspeed", "ray", "ray.data", "torch.distributed.elastic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def muted():
+    """Hold back what third-party code prints, C-level output included (DeepSpeed's op builds,
+    its checkpoint-merge chatter), unless verbose; on an exception the held-back text is shown."""
+    if is_verbose():
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            _restore(saved)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        else:
+            _restore(saved)
+
+
+def _restore(saved: list[int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, copy in zip((1, 2), saved):
+        os.dup2(copy, fd)
+        os.close(copy)
+    saved.clear()
 
 
 def is_verbose() -> bool:

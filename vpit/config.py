@@ -116,6 +116,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
     if origin is tuple:
+        if isinstance(value, str):  # a comma-separated list on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner_types = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vpit.common import vpit_argv
+from vpit.common import subprocess_env, vpit_argv
 from vpit.demo.corpora import BAD_PAIR_CASES, serve_http, write_pairs
 from vpit.pipelines.ingest import IngestError
 from vpit.pipelines.pairs import PairsConfig, ingest_pairs
@@ -209,3 +209,39 @@ def test_bad_url_list_is_a_clear_error(tmp_path):
         ingest_pairs(PairsConfig(input=str(tmp_path / "u.txt")), tmp_path / "ds", progress=False)
     with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):
         PairsConfig(input="x", threads=0)
+
+
+def test_a_pipelines_folder_in_the_working_directory_changes_nothing(served, reference, tmp_path):
+    """A user's own `pipelines/`, `mixtures/`, `model.py` and `train/` (here: decoys that raise on
+    import) must not shadow vpit's modules, in vpit itself or in the img2dataset subprocess."""
+    root, info = served
+    for name in ("pipelines", "mixtures", "train"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('decoy {name}/ was imported')\n")
+        (tmp_path / name / "img2dataset_job.py").write_text("raise SystemExit('decoy job ran')\n")
+    (tmp_path / "model.py").write_text("raise ImportError('decoy model.py was imported')\n")
+    out = tmp_path / "ds"
+    res = subprocess.run(
+        vpit_argv(
+            "ingest",
+            "pairs",
+            str(info["url_list"]),
+            "-o",
+            str(out),
+            "--shard-size",
+            "10",
+            "--threads",
+            "8",
+            "--workers",
+            "1",
+        ),
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "decoy" not in res.stdout + res.stderr + (out / "img2dataset" / "img2dataset.log").read_text()
+    ref = Dataset(reference[0])
+    assert [s.record["id"] for s in Dataset(out)] == [s.record["id"] for s in ref]
