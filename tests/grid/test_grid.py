@@ -169,3 +169,23 @@ def test_grid_plan_rejects_an_infeasible_cell_and_a_failed_cell_does_not_stop_ot
     assert "1 run now, 0 already finished, 1 failed" in res.stdout
     assert "FAILED c00_understanding.count=4_s0" in res.stdout and "max_steps" in res.stdout
     assert (tmp_path / "tiny-grid" / "cells" / "c01_understanding.count=40_s0" / "result.json").is_file()
+
+
+def test_grid_plan_prints_every_cell_id_and_value_whole(tmp_path, train_mixture, bpe_tokenizer):
+    """Columns are as wide as their widest value: no id or count is cut (147 once printed as 14)."""
+    from vpit.grid.commands import plan_grid
+
+    axes = {"groups.understanding.count": [40, 120], "groups.generation.count": [24, 100]}
+    spec = load_grid(_write_grid(tmp_path, train_mixture, bpe_tokenizer, axes=axes))
+    lines = plan_grid(spec).splitlines()
+    assert lines[0].split() == [
+        "cell",
+        "groups.understanding.count",
+        "groups.generation.count",
+        "total",
+        "plan",
+        "hash",
+    ]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == [c.id for c in expand(spec)]
+    assert [(int(r[1]), int(r[2]), int(r[3])) for r in rows] == [(u, g, u + g) for u in (40, 120) for g in (24, 100)]
