@@ -23,16 +23,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class HeldBatch:
-    """A source that serves one packed batch forever (the no-I/O baseline)."""
+    """A source that serves one step's packed batches forever (the no-I/O baseline)."""
 
-    def __init__(self, batch, plan_hash: str):
-        self.batch, self.plan_hash, self.token_shape = batch, plan_hash, None
+    def __init__(self, step, like):
+        self.step, self.plan_hash, self.token_shape = step, like.plan_hash, None
+        self.global_batch_size, self.sources, self.groups = like.global_batch_size, like.sources, like.groups
 
-    def num_batches(self):
+    def num_steps(self):
         return None
 
-    def batches(self, start, rank, world_size, collate, num_workers=0):
-        return itertools.repeat(self.batch)
+    def steps(self, start, rank, world_size, micro_batches, collate, num_workers=0):
+        return itertools.repeat(self.step)
 
 
 def main() -> None:
@@ -89,7 +90,7 @@ def main() -> None:
         trainer = Trainer(cfg, source=source)
         trainer.train()
         if source is None:  # the baseline: the loader's first batch, held in memory
-            source = HeldBatch(next(trainer.source.batches(0, 0, 1, trainer.collate, 0)), trainer.source.plan_hash)
+            source = HeldBatch(next(trainer.source.steps(0, 0, 1, 1, trainer.collate, 0)), trainer.source)
         rows = read_metrics(cfg.output_dir)[3:]  # skip warm-up steps
         results[name] = (
             sum(r["step_s"] for r in rows) / len(rows),

@@ -1,8 +1,9 @@
 """`vpit grid run`: every cell of a grid trains and evaluates as its own Ray task.
 
 A cell's task launches the ordinary trainer (`vpit train`, under torchrun when it holds
-more than one GPU) as a subprocess with the cell's mixture overrides, then evaluates the
-result, and writes `result.json` last: that file is the cell's completion marker. A re-run
+more than one GPU) as a subprocess with the cell's mixture overrides; the trainer evaluates
+its live model at the last step on the cell's own devices, and the task writes `result.json`
+from that evaluation, last: that file is the cell's completion marker. A re-run
 skips cells with a result, resumes the others from their latest checkpoint (`--resume`),
 and a cell that fails is reported without stopping the rest. The same code runs on a local
 Ray here and on a cluster through `--ray-address`.
@@ -15,13 +16,21 @@ Layout of a grid folder:
     cells/<cell id>/result.json    final metrics, written last
     cells/<cell id>/error.txt      why it failed (the end of the trainer's output)
     report/                        results table, heatmaps, correlation plot, report.md
+    STOP                           written when the runner gets SIGTERM/SIGUSR1: every cell's task
+                                   passes the signal on to its trainer, which checkpoints and exits
+
+Pre-emption reaches the runner (the Ray driver), not the cells' processes, which Ray starts on
+any node: the runner writes STOP in the shared grid folder, each task polls for it and signals
+its trainer; a re-run (which removes STOP) resumes every unfinished cell.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +41,12 @@ from vpit.grid.spec import Cell, GridSpec, expand
 
 __all__ = ["GridRun", "collect_rows", "run_grid", "train_and_eval_cell"]
 
+STOP = "STOP"
+
+
+class CellStopped(Exception):
+    """The cell's trainer checkpointed and stopped on a forwarded pre-emption signal."""
+
 
 @dataclasses.dataclass
 class GridRun:
@@ -40,12 +55,16 @@ class GridRun:
     skipped: list[str]
     failed: dict[str, str]
     seconds: float
+    stopped: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
             f"grid      {self.out}",
             f"cells     {len(self.finished) + len(self.skipped) + len(self.failed)}: {len(self.finished)} run now, "
-            f"{len(self.skipped)} already finished, {len(self.failed)} failed",
+            f"{len(self.skipped)} already finished, {len(self.failed)} failed"
+            + (
+                f", {len(self.stopped)} stopped by a signal (re-run the command to resume them)" if self.stopped else ""
+            ),
             f"time      {self.seconds:.0f}s",
         ]
         lines += [
@@ -60,8 +79,9 @@ def _last_line(text: str) -> str:
 
 
 def train_and_eval_cell(spec: GridSpec, cell: Cell, cell_dir: Path, gpus: int = 0) -> dict[str, Any]:
-    """Train (or resume) one cell, evaluate it, write result.json. Raises with the trainer's
-    output tail on failure. Pure function of (spec, cell): it can run on any node."""
+    """Train (or resume) one cell, evaluating at its last step, and write result.json. Raises with
+    the trainer's output tail on failure, CellStopped when GRID/STOP appeared and the trainer
+    checkpointed and stopped. Pure function of (spec, cell): it can run on any node."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     (cell_dir / "cell.json").write_text(
         json.dumps({"id": cell.id, "values": cell.values, "seed": cell.seed, "overrides": cell.overrides}, indent=1)
@@ -74,21 +94,31 @@ def train_and_eval_cell(spec: GridSpec, cell: Cell, cell_dir: Path, gpus: int = 
         "data.mixture_overrides": cell.overrides,
         "seed": cell.seed,
         "eval_every": spec.eval.every_steps,
+        "eval_at_end": True,
         "eval_suite": list(spec.eval.suite),
     }
     args = ["train", str(spec.train), "--resume"] + [f"--set={k}={json.dumps(v)}" for k, v in sets.items()]
     log = cell_dir / "train.log"
     # A cell is its own world: it never inherits the rendezvous of the process that launched it.
     env = subprocess_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    stop_file = cell_dir.parent.parent / STOP
     with open(log, "ab") as f:
-        proc = subprocess.run(vpit_argv(*args, nproc=gpus), cwd=cell_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(vpit_argv(*args, nproc=gpus), cwd=cell_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
+        signalled = False
+        while proc.poll() is None:
+            if not signalled and stop_file.exists():
+                proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+                signalled = True
+            time.sleep(0.5)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         (cell_dir / "error.txt").write_text(tail)
         raise RuntimeError(f"training exited with {proc.returncode}:\n{tail}")
-    from vpit.train.evaluate import evaluate_run
-
-    metrics = evaluate_run(run_dir, suite=spec.eval.suite)
+    evals = sorted((run_dir / "eval").glob("step-*.json"))
+    if signalled or not evals:
+        raise CellStopped(cell.id)
+    metrics = json.loads(evals[-1].read_text())
+    metrics.pop("step", None)
     result = {"cell": cell.id, "seed": cell.seed, **cell.values, **metrics}
     save_json_atomic(cell_dir / "result.json", result)
     (cell_dir / "error.txt").unlink(missing_ok=True)
@@ -114,11 +144,12 @@ def run_grid(spec: GridSpec, out: str | Path, *, ray_address: str | None = None,
     t0 = time.perf_counter()
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / STOP).unlink(missing_ok=True)  # a re-run after a pre-emption resumes
     (out / "grid.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1, default=str) + "\n")
     cells = expand(spec)
     skipped = [c.id for c in cells if (out / "cells" / c.id / "result.json").is_file()]
     todo = [c for c in cells if c.id not in skipped]
-    finished, failed = [], {}
+    finished, failed, stopped = [], {}, []
     if todo:
         init_ray(ray_address)
         task = ray.remote(train_and_eval_cell).options(
@@ -126,15 +157,36 @@ def run_grid(spec: GridSpec, out: str | Path, *, ray_address: str | None = None,
         )
         pending = {task.remote(spec, c, out / "cells" / c.id, int(spec.resources.num_gpus)): c for c in todo}
         bar = tqdm(total=len(cells), initial=len(skipped), desc="grid cells", unit="cell", disable=not progress)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            cell = pending.pop(done[0])
-            try:
-                ray.get(done[0])
-                finished.append(cell.id)
-            except Exception as e:  # a failed cell is reported; the others go on
-                err = out / "cells" / cell.id / "error.txt"
-                failed[cell.id] = err.read_text(errors="replace") if err.is_file() else f"{type(e).__name__}: {e}"
-            bar.update(1)
+        with _forward_signals(out / STOP):
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                cell = pending.pop(done[0])
+                try:
+                    ray.get(done[0])
+                    finished.append(cell.id)
+                except Exception as e:  # a failed cell is reported; the others go on
+                    if isinstance(getattr(e, "cause", None), CellStopped) or (out / STOP).exists():
+                        stopped.append(cell.id)
+                        continue
+                    err = out / "cells" / cell.id / "error.txt"
+                    failed[cell.id] = err.read_text(errors="replace") if err.is_file() else f"{type(e).__name__}: {e}"
+                bar.update(1)
         bar.close()
-    return GridRun(out=out, finished=finished, skipped=skipped, failed=failed, seconds=time.perf_counter() - t0)
+    return GridRun(
+        out=out, finished=finished, skipped=skipped, failed=failed, stopped=stopped, seconds=time.perf_counter() - t0
+    )
+
+
+@contextlib.contextmanager
+def _forward_signals(stop_file: Path):
+    """SIGTERM/SIGUSR1 to the runner -> STOP in the grid folder, which every cell's task watches."""
+
+    def handler(signum, frame):
+        stop_file.write_text(signal.Signals(signum).name + "\n")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -132,6 +132,7 @@ class RecordReader:
         self.names = shard_names
         self._members: dict[int, list[tuple[int, int]]] = {}
         self._ids: dict[int, list[str]] = {}
+        self._images: dict[int, list[int]] = {}
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -143,6 +144,7 @@ class RecordReader:
                     idx = _read_index(self.root, self.names[shard])
                     self._members[shard] = [tuple(e["members"]["json"]) for e in idx["samples"]]
                     self._ids[shard] = [e["id"] for e in idx["samples"]]
+                    self._images[shard] = [sum(k.startswith("img") for k in e["members"]) for e in idx["samples"]]
                     self._fds[shard] = os.open(self.root / idx["tar"], os.O_RDONLY)
                 fd = self._fds[shard]
         return fd
@@ -156,6 +158,11 @@ class RecordReader:
         """The sample's id from the index alone (no tar read)."""
         self._open(shard)
         return self._ids[shard][position]
+
+    def cost(self, shard: int, position: int, m: int) -> int:
+        """Estimated tokens of a sample from the index alone: JSON bytes / 4 + images x (m + 2)."""
+        self._open(shard)
+        return self._members[shard][position][1] // 4 + self._images[shard][position] * (m + 2)
 
     def close(self) -> None:
         with self._lock:

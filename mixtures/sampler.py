@@ -24,7 +24,16 @@ import numpy as np
 from vpit.errors import ConfigError
 from vpit.mixtures.quota import group_schedule, split_schedule
 
-__all__ = ["SAMPLER_VERSION", "Schedule", "batch_slots", "locate", "make_schedule", "sample_at", "source_items"]
+__all__ = [
+    "SAMPLER_VERSION",
+    "Schedule",
+    "balance_bins",
+    "batch_slots",
+    "locate",
+    "make_schedule",
+    "sample_at",
+    "source_items",
+]
 
 SAMPLER_VERSION = 1
 _PURPOSE_SOURCE = 1  # SeedSequence purposes: independent streams for the two kinds of shuffle
@@ -118,3 +127,19 @@ def sample_at(plan, schedule: Schedule, index: int) -> tuple[str, int, int]:
     i = index - int(schedule.starts[k])
     shard, pos = locate(plan, src[i : i + 1], draw[i : i + 1])
     return plan.sources[int(src[i])].name, int(shard[0]), int(pos[0])
+
+
+def balance_bins(costs: np.ndarray, bins: int) -> np.ndarray:
+    """The bin (0..bins-1) of each item, filling the least loaded bin with the next costliest item
+    (LPT; ties to the earlier item and the lower bin), so every bin ends within one item's cost of
+    the others. A pure function of the costs: every rank computes the same assignment."""
+    import heapq
+
+    costs = np.asarray(costs, dtype=np.int64)
+    out = np.empty(len(costs), dtype=np.int64)
+    heap = [(0, b) for b in range(bins)]
+    for i in sorted(range(len(costs)), key=lambda i: (-int(costs[i]), i)):
+        load, b = heapq.heappop(heap)
+        out[i] = b
+        heapq.heappush(heap, (load + int(costs[i]), b))
+    return out

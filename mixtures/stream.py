@@ -28,7 +28,7 @@ import torch
 from vpit.errors import ConfigError
 from vpit.mixtures.catalog import RecordReader
 from vpit.mixtures.plan import Plan
-from vpit.mixtures.sampler import batch_slots, locate, make_schedule
+from vpit.mixtures.sampler import balance_bins, batch_slots, locate, make_schedule
 from vpit.records import StreamItem
 
 __all__ = ["MixtureStream"]
@@ -55,6 +55,8 @@ class MixtureStream(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         with_tokens: bool = True,
+        micro_batches: int = 1,
+        balance: bool = False,
         prefetch_batches: int = 4,
         threads: int = 4,
     ):
@@ -76,6 +78,12 @@ class MixtureStream(torch.utils.data.IterableDataset):
         self.global_batch_size = int(global_batch_size)
         self.rank, self.world_size = rank, world_size
         self.with_tokens = with_tokens
+        if micro_batches < 1 or global_batch_size < world_size * micro_batches:
+            raise ConfigError(
+                f"micro_batches: {micro_batches} per rank x {world_size} ranks need a global batch of at least "
+                f"{world_size * micro_batches}, got {global_batch_size}"
+            )
+        self.micro_batches, self.balance = micro_batches, balance
         self.prefetch_batches = max(1, prefetch_batches)
         self.threads = max(1, threads)
         self._consumed = 0
@@ -181,16 +189,38 @@ class MixtureStream(torch.utils.data.IterableDataset):
         return [TokenCache(s.catalog.root, self.plan.spec.cache) for s in self.plan.sources]
 
     def _load(self, k: int, readers: list[RecordReader], caches: list | None) -> list[StreamItem]:
+        """This rank's items of global batch k, each with its micro step. Contiguous slices, or,
+        with `balance`, (rank, micro step) bins of equal estimated tokens: ZeRO-3 steps at the pace
+        of the slowest rank, and a global batch mixes 60-token generation samples with
+        thousand-token conversations. Either way the global batch holds the same samples."""
         src, draw = batch_slots(self.plan, self.schedule, k)
-        lo, hi = self.rank_slice(k)
-        src, draw = src[lo:hi], draw[lo:hi]
-        shards, positions = locate(self.plan, src, draw)
-        start = int(self.schedule.starts[k]) + lo
+        bins = self.world_size * self.micro_batches
+        if self.balance and bins > 1:
+            shards, positions = locate(self.plan, src, draw)
+            costs = [
+                readers[s].cost(sh, p, self.plan.m)
+                for s, sh, p in zip(src.tolist(), shards.tolist(), positions.tolist(), strict=True)
+            ]
+            where = balance_bins(np.asarray(costs), bins)
+            mine = np.flatnonzero(where // self.micro_batches == self.rank)
+            micro = where[mine] % self.micro_batches
+            src, shards, positions = src[mine], shards[mine], positions[mine]
+        else:
+            lo, hi = self.rank_slice(k)
+            mine = np.arange(lo, hi)
+            micro = (mine - lo) * self.micro_batches // max(1, hi - lo)
+            shards, positions = locate(self.plan, src[lo:hi], draw[lo:hi])
+            src = src[lo:hi]
+        start = int(self.schedule.starts[k])
         items = []
-        for i, (s, shard, pos) in enumerate(zip(src.tolist(), shards.tolist(), positions.tolist(), strict=True)):
+        for i, s, shard, pos, j in zip(
+            mine.tolist(), src.tolist(), shards.tolist(), positions.tolist(), micro.tolist(), strict=True
+        ):
             sp = self.plan.sources[s]
             record = readers[s].record(shard, pos)
             item = {"index": start + i, "id": record["id"], "source": sp.name, "group": sp.group, "record": record}
+            if self.micro_batches > 1:
+                item["micro"] = j
             if caches is not None:
                 item["tokens"] = np.asarray(caches[s].tokens(shard, pos), dtype=np.float32)
             items.append(item)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,9 +24,17 @@ from vpit.config import path_field
 from vpit.errors import ConfigError
 from vpit.model.chat_template import get_template
 from vpit.model.tokenizer import add_image_tokens, load_tokenizer
-from vpit.model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean
+from vpit.model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean, make_mlps
 
-__all__ = ["ModelConfig", "build_model", "load_exported", "save_exported", "tiny_llm_config"]
+__all__ = [
+    "ModelConfig",
+    "Sharding",
+    "build_model",
+    "load_init_from",
+    "load_exported",
+    "save_exported",
+    "tiny_llm_config",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,6 +45,12 @@ class ModelConfig:
     """`qwen2.5` (built in), or a local tokenizer folder; default: the LLM's folder (qwen2.5 for tiny)."""
     chat_template: str = "llama3"
     """Turn format: llama3 | chatml."""
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    """Attention kernel, passed to transformers; packed samples stay apart under each (position-id
+    resets: the block-diagonal mask for sdpa and eager, varlen kernels for flash_attention_2)."""
+    init_from: str | None = path_field(None)
+    """An exported VPiT folder (`vpit export`) whose projector, vision head and <image_start>/<image_end>
+    embedding rows start this model: stage 2 from stage 1."""
     vision_dim: int = 1152
     """Width of a cached visual token; must match the token cache."""
     num_visual_tokens: int = 64
@@ -75,27 +89,51 @@ def tiny_llm_config(cfg: ModelConfig, vocab_size: int) -> Any:
         vocab_size=vocab_size,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
-        attn_implementation="sdpa",
+        attn_implementation=cfg.attn_implementation,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """How a sharded trainer has the model built (the trainer makes these; model/ imports no DeepSpeed).
+
+    Args:
+        new_modules: a context in which new modules are created already sharded (deepspeed.zero.Init).
+        gather: a context that materialises sharded parameters for an edit by rank 0, then re-shards.
+        partition: shards the plain parameters of an existing module (what transformers' resize
+            leaves: under ZeRO-3 it makes the new embedding whole on every rank).
+    """
+
+    new_modules: Callable[[], AbstractContextManager]
+    gather: Callable[[list[nn.Parameter]], AbstractContextManager]
+    partition: Callable[[nn.Module], None] = lambda module: None
+
+
 def build_model(
-    cfg: ModelConfig,
-    dtype: torch.dtype = torch.float32,
-    gather: Callable[[list[nn.Parameter]], AbstractContextManager] | None = None,
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, sharding: Sharding | None = None
 ) -> tuple[VPiTModel, Any]:
-    """A fresh VPiT model (tiny: random init from the current torch seed) and its tokenizer."""
+    """A VPiT model in train mode (tiny: random init from the current torch seed) and its tokenizer.
+
+    With `sharding` (ZeRO-3), the caller keeps transformers' HfDeepSpeedConfig alive, so that the LLM
+    itself is created and loaded shard by shard; the two MLPs are created under `new_modules`.
+    """
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.tokenizer or ("qwen2.5" if cfg.llm == "tiny" else cfg.llm))
     n_old = len(tokenizer)
     start_id, end_id = add_image_tokens(tokenizer)
+    kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if cfg.llm == "tiny":
-        llm = AutoModelForCausalLM.from_config(tiny_llm_config(cfg, n_old), dtype=dtype)
+        llm = AutoModelForCausalLM.from_config(tiny_llm_config(cfg, n_old), **kwargs)
     else:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, **kwargs)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if sharding:
+            sharding.partition(llm.get_input_embeddings())
+            if llm.get_output_embeddings() is not None:
+                sharding.partition(llm.get_output_embeddings())
+    gather = sharding.gather if sharding else None
     new = [i for i in (start_id, end_id) if i >= n_old]
     if new:
         init_new_embeddings_to_mean(llm, new, n_old, gather)
@@ -107,7 +145,51 @@ def build_model(
         vision_coef=cfg.vision_coef,
         chat_template=cfg.chat_template,
     )
-    return VPiTModel(llm, vcfg).to(dtype), tokenizer
+    with sharding.new_modules() if sharding else nullcontext():
+        mlps = make_mlps(vcfg, llm.config.hidden_size, dtype)
+    model = VPiTModel(llm, vcfg, *mlps)
+    if cfg.init_from:
+        load_init_from(model, cfg.init_from, gather)
+    # from_pretrained returns the LLM in eval mode, where HF's gradient checkpointing never
+    # recomputes and dropout is off: a trainer wants train mode.
+    return model.train(), tokenizer
+
+
+def load_init_from(model: VPiTModel, folder: str | Path, gather: Any = None) -> None:
+    """Start `model`'s projector, vision head and image-delimiter embedding rows from an exported
+    folder (sharded parameters are gathered, edited by rank 0, re-sharded)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "vpit.json").is_file():
+        raise ConfigError(
+            f"model.init_from: {folder} is not an exported VPiT folder (no vpit.json); "
+            "run `vpit export` on the stage-1 run first"
+        )
+    theirs, ours = VPiTConfig.load(folder / "vpit.json"), model.config
+    for key in ("vision_dim", "num_visual_tokens", "image_start_id", "image_end_id"):
+        if getattr(theirs, key) != getattr(ours, key):
+            raise ConfigError(
+                f"model.init_from: {folder} has {key}={getattr(theirs, key)}, this model "
+                f"{getattr(ours, key)}; use the same tokenizer, cache and dims as the run exported"
+            )
+    ids = [ours.image_start_id, ours.image_end_id]
+    embed = model.llm.get_input_embeddings().weight
+    out = model.llm.get_output_embeddings()
+    rows = {"model.embed_tokens.weight": embed}
+    if out is not None and out.weight is not embed:
+        rows["lm_head.weight"] = out.weight
+    params = [*model.projector.parameters(), *model.vision_head.parameters(), *rows.values()]
+    with gather(params) if gather else nullcontext(), torch.no_grad():
+        for name in ("projector", "vision_head"):
+            module = getattr(model, name)
+            for key, value in load_file(str(folder / f"{name}.safetensors")).items():
+                module.get_parameter(key).copy_(value)
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            for key, weight in rows.items():
+                if key in f.keys():
+                    weight[ids] = torch.cat([f.get_slice(key)[i : i + 1] for i in ids]).to(weight.dtype)
 
 
 def save_exported(model: VPiTModel, tokenizer: Any, out: str | Path) -> Path:

@@ -78,11 +78,15 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     use_cache: bool = True,
     force_image: bool = False,
+    lockstep: bool = False,
 ) -> Generation:
     """Greedy generation from a prompt of ids (1, T) and its input visual tokens.
 
     `force_image` starts an image right away (as if the model had emitted <image_start>): the
-    way to ask for exactly one image, and what the generation tests and benchmark measure.
+    way to ask for exactly one image. With `lockstep`, every step runs every module (LM head,
+    vision head, token embedding, projector, decoder) and generation goes on past a stop token
+    to exactly `max_new_tokens` steps; the output is the same, cut at the stop. Under ZeRO-3 each
+    module call is a collective, so ranks generating different things must make the same calls.
     """
     cfg = model.config
     dev = next(model.parameters()).device
@@ -91,24 +95,41 @@ def generate(
     h = run.feed(model.embed(input_ids.to(dev), visual_tokens.to(dev)))
     ids: list[int] = []
     images: list[np.ndarray] = []
+    preds: list[torch.Tensor] = []  # the visual tokens of the image being generated
     pending: int | None = cfg.image_start_id if force_image else None
-    while len(ids) < max_new_tokens:
-        nxt = pending if pending is not None else int(model.logits(h).argmax(-1))
-        pending = None
-        ids.append(nxt)
-        if nxt in stop_ids:
-            break
-        h = run.feed(embed_tok(torch.tensor([[nxt]], device=dev)))
-        if nxt != cfg.image_start_id:
-            continue
-        preds = []
-        for _ in range(cfg.num_visual_tokens):
-            pred = model.predict_visual(h)  # (1, d), normalised like the cached tokens
+    stopped = False
+    for _ in range(max_new_tokens):
+        in_image = bool(ids) and ids[-1] in (cfg.image_start_id, -1) and len(preds) < cfg.num_visual_tokens
+        logits = model.logits(h) if lockstep or not (in_image or pending is not None) else None
+        pred = model.predict_visual(h) if lockstep or in_image else None
+        if in_image:
             preds.append(pred)
-            h = run.feed(model.projector(pred.to(h.dtype))[:, None])
-        images.append(torch.cat(preds).float().cpu().numpy())
-        ids += [-1] * cfg.num_visual_tokens
-        pending = cfg.image_end_id
+            ids.append(-1)
+            nxt_embed = model.projector(pred.to(h.dtype))[:, None]
+            if lockstep:
+                embed_tok(torch.zeros((1, 1), dtype=torch.long, device=dev))
+            if len(preds) == cfg.num_visual_tokens:
+                images.append(torch.cat(preds).float().cpu().numpy())
+                pending = cfg.image_end_id
+        else:
+            nxt = pending if pending is not None else int(logits.argmax(-1))
+            pending = None
+            ids.append(nxt)
+            if nxt == cfg.image_start_id:
+                preds = []
+            nxt_embed = embed_tok(torch.tensor([[nxt]], device=dev))
+            if lockstep:
+                model.projector(pred.to(h.dtype))
+            if nxt in stop_ids:
+                stopped = True
+                if not lockstep:
+                    break
+        h = run.feed(nxt_embed)
+        if stopped and lockstep:
+            continue
+    if stopped:
+        ids = ids[: next(k for k, t in enumerate(ids) if t in stop_ids) + 1]
+        images = images[: sum(1 for t in ids if t == cfg.image_start_id)]
     return Generation(token_ids=ids, images=images)
 
 

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from vpit.errors import ConfigError
 
-__all__ = ["VPiTConfig", "VPiTModel", "VPiTOutput", "init_new_embeddings_to_mean"]
+__all__ = ["VPiTConfig", "VPiTModel", "VPiTOutput", "init_new_embeddings_to_mean", "make_mlps"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,6 +66,10 @@ class VPiTOutput(ModelOutput):
     loss: torch.Tensor | None = None
     text_loss: torch.Tensor | None = None
     vision_loss: torch.Tensor | None = None
+    text_sum: torch.Tensor | None = None
+    """Summed CE over the text targets: the trainer normalises by the whole global batch's count."""
+    vision_sum: torch.Tensor | None = None
+    """Summed cosine loss over the visual targets."""
     n_text: int | None = None
     n_vision: int | None = None
     text_token_loss: torch.Tensor | None = None
@@ -101,6 +105,14 @@ def _cache_argument(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
 
 
+def make_mlps(config: VPiTConfig, hidden: int, dtype: torch.dtype | None = None) -> tuple[nn.Module, nn.Module]:
+    """(input projector, vision head): MetaMorph's mlp2x_gelu (d -> h -> h) and Linear-GELU-Linear
+    (h -> h -> d). Separate from VPiTModel so a sharded trainer can create them already sharded."""
+    projector = _mlp(config.vision_dim, hidden, hidden)
+    head = _mlp(hidden, hidden, config.vision_dim)
+    return (projector.to(dtype), head.to(dtype)) if dtype is not None else (projector, head)
+
+
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
 
@@ -113,13 +125,19 @@ class VPiTModel(nn.Module):
         config: the VPiT settings (dims, delimiter ids, loss weight).
     """
 
-    def __init__(self, llm: nn.Module, config: VPiTConfig):
+    def __init__(
+        self,
+        llm: nn.Module,
+        config: VPiTConfig,
+        projector: nn.Module | None = None,
+        vision_head: nn.Module | None = None,
+    ):
         super().__init__()
         self.config = config
         self.llm = llm
-        hidden = llm.config.hidden_size
-        self.projector = _mlp(config.vision_dim, hidden, hidden)  # mlp2x_gelu
-        self.vision_head = _mlp(hidden, hidden, config.vision_dim)
+        if projector is None or vision_head is None:
+            projector, vision_head = make_mlps(config, llm.config.hidden_size)
+        self.projector, self.vision_head = projector, vision_head
 
     # -- pieces shared by training and generation ---------------------------------------
     def embed(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
@@ -184,12 +202,15 @@ class VPiTModel(nn.Module):
         target = F.normalize(visual_tokens[slot_index[:, 1:][vis_mask]].float(), dim=-1)
         vis_tok = 1.0 - (self.predict_visual(h_prev[vis_mask]) * target).sum(-1)
         n_text, n_vis = int(text_tok.numel()), int(vis_tok.numel())
-        text_loss = text_tok.sum() / max(n_text, 1)
-        vision_loss = vis_tok.sum() / max(n_vis, 1)
+        text_sum, vision_sum = text_tok.sum(), vis_tok.sum()
+        text_loss = text_sum / max(n_text, 1)
+        vision_loss = vision_sum / max(n_vis, 1)
         out = VPiTOutput(
             loss=text_loss + self.config.vision_coef * vision_loss,
             text_loss=text_loss,
             vision_loss=vision_loss,
+            text_sum=text_sum,
+            vision_sum=vision_sum,
             n_text=n_text,
             n_vision=n_vis,
         )

@@ -40,8 +40,21 @@ class PackedBatch:
     """Ids of the samples kept, in packed order."""
     n_tokens: int
     """Tokens that are not padding."""
+    n_text: int = 0
+    """Text targets (positions with a label), the denominator of the text loss."""
+    n_vision: int = 0
+    """Visual targets, the denominator of the vision loss."""
+    spans: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    """(row, start, end) of each kept sample, aligned with sample_ids."""
+    sources: list[str] = dataclasses.field(default_factory=list)
+    """The source of each kept sample, aligned with sample_ids."""
     truncated: int = 0
     dropped: int = 0
+
+    @property
+    def padded_tokens(self) -> int:
+        """Positions in the rows, padding included (what the forward pass computes)."""
+        return int(self.input_ids.numel())
 
     def model_inputs(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:
         vis = self.visual_tokens.to(device)
@@ -80,7 +93,12 @@ def truncate(enc: Encoded, visual: np.ndarray, max_len: int, m: int) -> tuple[En
 
 
 def pack(
-    samples: list[tuple[str, Encoded, np.ndarray]], max_len: int, pad_id: int, truncated: int = 0, dropped: int = 0
+    samples: list[tuple[str, Encoded, np.ndarray]],
+    max_len: int,
+    pad_id: int,
+    truncated: int = 0,
+    dropped: int = 0,
+    sources: list[str] | None = None,
 ) -> PackedBatch:
     """Greedy in-order packing of (id, encoded, visual (slots, d)) into rows of <= max_len."""
     rows: list[list[int]] = [[]]
@@ -97,7 +115,7 @@ def pack(
     labels = np.full(shape, IGNORE, np.int64)
     vis = np.zeros(shape, bool)
     pos = np.zeros(shape, np.int64)
-    visual, order = [], []
+    visual, order, spans = [], [], []
     for r, row in enumerate(rows):
         at = 0
         for k in row:
@@ -108,6 +126,7 @@ def pack(
             labels[r, at], vis[r, at] = IGNORE, False  # never predict across a sample boundary
             visual.append(v)
             order.append(sid)
+            spans.append((r, at, at + n))
             at += n
         pos[r, at:] = np.arange(width - at)  # padding: a segment of its own
     d = samples[0][2].shape[-1] if samples else 0
@@ -120,6 +139,10 @@ def pack(
         visual_tokens=torch.from_numpy(visual_arr),
         sample_ids=order,
         n_tokens=int(sum(lengths)),
+        n_text=int((labels[:, 1:] != IGNORE).sum()),
+        n_vision=int(vis[:, 1:].sum()),
+        spans=spans,
+        sources=list(sources) if sources is not None else [""] * len(order),
         truncated=truncated,
         dropped=dropped,
     )
@@ -162,7 +185,7 @@ class Collator:
         return enc, visual
 
     def __call__(self, items: list[StreamItem]) -> PackedBatch:
-        kept, truncated, dropped = [], 0, 0
+        kept, sources, truncated, dropped = [], [], 0, 0
         for item in items:
             enc, visual = self.encode(item)
             if len(enc) > self.max_len:
@@ -173,5 +196,10 @@ class Collator:
                 truncated += 1
                 enc, visual = cut
             kept.append((item["id"], enc, visual))
+            sources.append(item["source"])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return pack(kept, self.max_len, pad, truncated, dropped)
+        return pack(kept, self.max_len, pad, truncated, dropped, sources)
+
+    def step(self, items: list[StreamItem], micro_batches: int) -> list[PackedBatch]:
+        """One optimizer step's items of this rank -> one packed batch per micro step (item["micro"])."""
+        return [self([it for it in items if it.get("micro", 0) == j]) for j in range(micro_batches)]

@@ -15,7 +15,7 @@ __all__ = ["evaluate", "export", "generate", "train"]
 def _train(cfg: TrainConfig, job: TrainJob) -> None:
     from vpit.train.trainer import Trainer
 
-    summary = Trainer(cfg).train(resume=job.resume)
+    summary = Trainer(cfg, resume=job.resume).train()
     if int(os.environ.get("RANK", "0")) == 0:
         first, last = summary["first"] or {}, summary["last"] or {}
         print(
@@ -24,6 +24,8 @@ def _train(cfg: TrainConfig, job: TrainJob) -> None:
             f"vision loss {first.get('vision_loss', float('nan')):.3f} -> {last.get('vision_loss', float('nan')):.3f}"
             f"\nloss curve: {summary['loss_png']}"
         )
+        if summary["preempted"]:
+            print(f"stopped by {summary['preempted']} after a checkpoint; continue with --resume")
 
 
 train = Command(
@@ -76,12 +78,16 @@ class ExportConfig:
     """A run folder (its latest complete checkpoint) or a checkpoint folder."""
     output: str = path_field()
     """Folder to write."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Precision of the written weights."""
 
 
 def _export(cfg: ExportConfig) -> None:
+    import torch
+
     from vpit.train.export import export_checkpoint
 
-    out = export_checkpoint(cfg.checkpoint, cfg.output)
+    out = export_checkpoint(cfg.checkpoint, cfg.output, getattr(torch, cfg.dtype))
     print(f"exported to {out}: " + ", ".join(sorted(f.name for f in out.iterdir())))
 
 

@@ -31,6 +31,9 @@ class DataConfig:
     """A sample over max_len: cut before a visual block (truncate) or skip it (drop); both counted."""
     num_workers: int = 1
     """DataLoader worker processes per rank (the sample sequence does not depend on it)."""
+    balance: bool = True
+    """Split each global batch among ranks and micro steps by estimated tokens (the same samples per
+    step either way; ZeRO-3 runs at the pace of the slowest rank)."""
 
     def __post_init__(self):
         if self.max_len < 8:
@@ -48,7 +51,8 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     """Where samples come from and how they are packed."""
     micro_batch_size: int = 4
-    """Samples per rank per micro step (packed into rows of data.max_len)."""
+    """Samples per rank per micro step on average (packed into rows of data.max_len); with data.balance
+    a micro step gets as many as make its share of the global batch's estimated tokens."""
     grad_accum: int = 1
     """Micro steps per optimizer step. Global batch = micro_batch_size x world size x grad_accum."""
     max_steps: int = 100
@@ -68,7 +72,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping (0: off)."""
     stage: Literal[1, 2] = 2
-    """1: freeze the LLM, train projector and vision head (MetaMorph stage 1); 2: train everything."""
+    """1: freeze the LLM and train the projector on the text loss (MetaMorph's stage 1); 2: train everything."""
+    stage1_vision_head: bool = False
+    """Stage 1 also trains the vision head on the vision loss (vpit's earlier stage 1; MetaMorph's does not)."""
+    zero_init: bool = True
+    """Build the model under deepspeed.zero.Init: each rank holds only its shard of the weights, never the
+    whole model (off: every rank materialises it first; for comparisons only)."""
     gradient_checkpointing: bool = False
     """Recompute decoder activations in backward (less memory, ~30% more compute)."""
     save_every: int = 100
@@ -76,8 +85,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept; older ones are deleted."""
     eval_every: int = 0
-    """Evaluate on the mixture's held-out split every this many steps (0: never); such steps also
-    checkpoint, since evaluation reads the checkpoint. Writes output_dir/eval/step-N.json."""
+    """Evaluate on the mixture's held-out split every this many steps and at the last (0: never), with the
+    live model on the training devices, the items shared among ranks. Writes output_dir/eval/step-N.json."""
+    eval_at_end: bool = False
+    """Evaluate at the last step even when eval_every is 0 (what grid cells do)."""
     eval_suite: tuple[Literal["understanding", "generation"], ...] = ("understanding", "generation")
     """What `eval_every` evaluates."""
     eval_max_per_source: int = 64
@@ -86,8 +97,12 @@ class TrainConfig:
     """Seed of the model's initialisation."""
     deepspeed: str | None = path_field(None)
     """DeepSpeed JSON; default infra/deepspeed/zero3_cpu.json on CPU, zero3_gpu_bf16.json on GPU."""
-    loggers: tuple[Literal["tensorboard", "wandb"], ...] = ()
-    """Extra metric sinks, off by default (metrics.jsonl is always written)."""
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = ("tensorboard",)
+    """Metric sinks besides metrics.jsonl: TensorBoard event files in output_dir/tensorboard, W&B (offline
+    unless WANDB_MODE says otherwise). W&B is also added when WANDB_API_KEY or WANDB_MODE is set."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s of one device, for the MFU estimate; default: known GPUs (H100/H200 989,
+    A100 312); none on CPU."""
 
     def __post_init__(self):
         problems = []
@@ -106,8 +121,10 @@ class TrainConfig:
                 f"eval_every / eval_max_per_source: expected >= 0 / >= 1, got {self.eval_every} / "
                 f"{self.eval_max_per_source}"
             )
-        if self.eval_every and self.data.mixture is None:
-            problems.append("eval_every: evaluation needs data.mixture with a heldout split (synthetic data has none)")
+        if (self.eval_every or self.eval_at_end) and self.data.mixture is None:
+            problems.append(
+                "eval_every/eval_at_end: evaluation needs data.mixture with a heldout split (synthetic data has none)"
+            )
         if not self.lr > 0:
             problems.append(f"lr: expected > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:

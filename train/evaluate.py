@@ -33,7 +33,16 @@ from vpit.train.metrics import (
     retrieval_accuracy,
 )
 
-__all__ = ["evaluate_items", "evaluate_run", "split_prompt", "write_eval"]
+__all__ = [
+    "evaluate_items",
+    "evaluate_run",
+    "evaluate_sharded",
+    "heldout_for",
+    "score_items",
+    "split_prompt",
+    "summarize",
+    "write_eval",
+]
 
 UNDERSTANDING_KINDS = ("understanding", "text", "video")
 
@@ -55,7 +64,115 @@ def _target_image(msg: Message) -> int | None:
     return images[0] if images else None
 
 
+def _tasks(items: list[StreamItem], suite: tuple[str, ...]) -> tuple[list[StreamItem], list[StreamItem]]:
+    """(understanding items with an answer, generation items with a target image), in order."""
+    und = [
+        it
+        for it in items
+        if "understanding" in suite
+        and it["record"]["kind"] in UNDERSTANDING_KINDS
+        and split_prompt(it["record"]) is not None
+    ]
+    gen = [
+        it
+        for it in items
+        if "generation" in suite
+        and it["record"]["kind"] == "generation"
+        and (parts := split_prompt(it["record"])) is not None
+        and _target_image(parts[1]) is not None
+    ]
+    return und, gen
+
+
 @torch.no_grad()
+def score_items(
+    model,
+    tokenizer,
+    und: list[StreamItem],
+    gen: list[StreamItem],
+    *,
+    max_new_tokens: int = 16,
+    max_len: int = 1024,
+    lockstep: bool = False,
+) -> list[dict[str, Any]]:
+    """One result per item: understanding answers (exact match or multiple choice) and text loss,
+    generated visual tokens beside their targets. With `lockstep`, every item makes the same
+    module calls in the same order (a fixed number of steps), as ZeRO-3's collective parameter
+    gathers need when each rank scores different items."""
+    cfg = model.config
+    dev = next(model.parameters()).device
+    stop = stop_ids(tokenizer, get_template(cfg.chat_template))
+    collate = Collator(
+        tokenizer,
+        get_template(cfg.chat_template),
+        ImageTokens(cfg.image_start_id, cfg.image_end_id, cfg.num_visual_tokens),
+        cfg.vision_dim,
+        max_len,
+    )
+    results = []
+    for item in und:
+        rec = item["record"]
+        batch = collate([item])
+        loss = None
+        if batch.sample_ids or lockstep:
+            out = model(**batch.model_inputs(dev, next(model.parameters()).dtype))
+            loss = float(out.text_loss) if batch.sample_ids and batch.n_text else None
+        prompt, answer = split_prompt(rec)
+        ids, vis = encode_prompt(model, tokenizer, prompt, item.get("tokens"))
+        g = generate(model, ids, vis, max_new_tokens=max_new_tokens, stop_ids=stop, lockstep=lockstep)
+        text = tokenizer.decode([t for t in g.token_ids if t >= 0 and t not in stop], skip_special_tokens=True)
+        row = {"kind": "understanding", "source": item["source"], "id": item["id"], "text_loss": loss}
+        if "choices" in rec and "answer_index" in rec:
+            row["mc"] = multiple_choice_correct(text, rec["choices"], rec["answer_index"])
+        else:
+            row["em"] = exact_match(text, _answer_text(answer))
+        results.append(row)
+    for item in gen:
+        prompt, answer = split_prompt(item["record"])
+        ids, vis = encode_prompt(model, tokenizer, prompt, item["tokens"])
+        g = generate(model, ids, vis, max_new_tokens=cfg.num_visual_tokens + 2, force_image=True, lockstep=lockstep)
+        results.append(
+            {
+                "kind": "generation",
+                "source": item["source"],
+                "id": item["id"],
+                "generated": g.images[0],
+                "target": np.asarray(item["tokens"][_target_image(answer)], np.float32),
+            }
+        )
+    return results
+
+
+def summarize(results: list[dict[str, Any]], suite: tuple[str, ...], n_candidates: int = 16) -> dict[str, Any]:
+    """The metrics of a list of results: `understanding/...`, `generation/...` and counts."""
+    out: dict[str, Any] = {}
+    und = [r for r in results if r["kind"] == "understanding"]
+    if "understanding" in suite:
+        em = [r["em"] for r in und if "em" in r]
+        mc = [r["mc"] for r in und if "mc" in r]
+        if em:
+            out["understanding/exact_match"] = float(np.mean(em))
+        if mc:
+            out["understanding/mc_accuracy"] = float(np.mean(mc))
+        losses = defaultdict(list)
+        for r in und:
+            if r["text_loss"] is not None:
+                losses[r["source"]].append(r["text_loss"])
+        for source, vals in sorted(losses.items()):
+            out[f"understanding/text_loss/{source}"] = float(np.mean(vals))
+        out["n_understanding"] = len(und)
+    if "generation" in suite:
+        gens = [r for r in results if r["kind"] == "generation"]
+        if gens:
+            g, t = np.stack([r["generated"] for r in gens]), np.stack([r["target"] for r in gens])
+            out["generation/cosine"] = mean_token_cosine(g, t)
+            out["generation/retrieval"] = retrieval_accuracy(g, t, n_candidates=min(n_candidates, len(g)))
+            if len(g) > 2:
+                out["generation/frechet"] = frechet_distance(g, t)
+        out["n_generation"] = len(gens)
+    return out
+
+
 def evaluate_items(
     model,
     tokenizer,
@@ -65,63 +182,64 @@ def evaluate_items(
     n_candidates: int = 16,
     max_len: int = 1024,
 ) -> dict[str, Any]:
-    """Metrics over held-out `items`: a flat dict of `understanding/...` and `generation/...` keys."""
+    """Metrics over held-out `items` in one process: a flat dict of `understanding/...` and
+    `generation/...` keys."""
     model.eval()
-    cfg = model.config
-    stop = stop_ids(tokenizer, get_template(cfg.chat_template))
-    collate = Collator(
-        tokenizer,
-        get_template(cfg.chat_template),
-        ImageTokens(cfg.image_start_id, cfg.image_end_id, cfg.num_visual_tokens),
-        cfg.vision_dim,
-        max_len,
-    )
-    out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if "understanding" in suite:
-        em, mc, losses = [], [], defaultdict(list)
-        for item in items:
-            rec = item["record"]
-            if rec["kind"] not in UNDERSTANDING_KINDS or (parts := split_prompt(rec)) is None:
-                continue
-            batch = collate([item])
-            if batch.sample_ids:
-                losses[item["source"]].append(float(model(**batch.model_inputs()).text_loss))
-            prompt, answer = parts
-            ids, vis = encode_prompt(model, tokenizer, prompt, item["tokens"])
-            gen = generate(model, ids, vis, max_new_tokens=max_new_tokens, stop_ids=stop)
-            text = tokenizer.decode([t for t in gen.token_ids if t >= 0 and t not in stop], skip_special_tokens=True)
-            if "choices" in rec and "answer_index" in rec:
-                mc.append(multiple_choice_correct(text, rec["choices"], rec["answer_index"]))
-            else:
-                em.append(exact_match(text, _answer_text(answer)))
-        if em:
-            out["understanding/exact_match"] = float(np.mean(em))
-        if mc:
-            out["understanding/mc_accuracy"] = float(np.mean(mc))
-        for source, vals in sorted(losses.items()):
-            out[f"understanding/text_loss/{source}"] = float(np.mean(vals))
-        out["n_understanding"] = len(em) + len(mc)
-    if "generation" in suite:
-        generated, targets = [], []
-        for item in items:
-            rec = item["record"]
-            parts = split_prompt(rec)
-            if rec["kind"] != "generation" or parts is None or (target := _target_image(parts[1])) is None:
-                continue
-            ids, vis = encode_prompt(model, tokenizer, parts[0], item["tokens"])
-            gen = generate(model, ids, vis, max_new_tokens=cfg.num_visual_tokens + 2, force_image=True)
-            generated.append(gen.images[0])
-            targets.append(np.asarray(item["tokens"][target], np.float32))
-        if generated:
-            g, t = np.stack(generated), np.stack(targets)
-            out["generation/cosine"] = mean_token_cosine(g, t)
-            out["generation/retrieval"] = retrieval_accuracy(g, t, n_candidates=min(n_candidates, len(g)))
-            if len(g) > 2:
-                out["generation/frechet"] = frechet_distance(g, t)
-        out["n_generation"] = len(generated)
+    und, gen = _tasks(items, suite)
+    out = summarize(
+        score_items(model, tokenizer, und, gen, max_new_tokens=max_new_tokens, max_len=max_len), suite, n_candidates
+    )
     out["eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+def _share(items: list[StreamItem], rank: int, world_size: int) -> tuple[list[StreamItem], int]:
+    """This rank's items (every world_size-th), padded with copies of the first so that every rank
+    scores the same number; and how many of them are real."""
+    mine = items[rank::world_size]
+    per_rank = -(-len(items) // world_size)
+    return mine + [items[0]] * (per_rank - len(mine)) if items else [], len(mine)
+
+
+def evaluate_sharded(
+    model,
+    tokenizer,
+    items: list[StreamItem],
+    *,
+    suite: tuple[str, ...],
+    rank: int,
+    world_size: int,
+    max_new_tokens: int = 16,
+    n_candidates: int = 16,
+    max_len: int = 1024,
+) -> dict[str, Any]:
+    """`evaluate_items` with the items shared among ranks, on the live (ZeRO-3) model: each rank
+    scores its share in lockstep, rank 0 gathers the results and summarises (others get {})."""
+    t0 = time.perf_counter()
+    und, gen = _tasks(items, suite)
+    (my_und, n_und), (my_gen, n_gen) = _share(und, rank, world_size), _share(gen, rank, world_size)
+    results = score_items(
+        model, tokenizer, my_und, my_gen, max_new_tokens=max_new_tokens, max_len=max_len, lockstep=True
+    )
+    results = results[:n_und] + results[len(my_und) : len(my_und) + n_gen]  # the padding's results go
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, results)
+    if rank != 0:
+        return {}
+    order = {it["id"]: k for k, it in enumerate(und + gen)}  # the single-process order, whatever the world
+    merged = sorted((r for part in gathered for r in part), key=lambda r: order[r["id"]])
+    out = summarize(merged, suite, n_candidates)
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def heldout_for(cfg: Any) -> list[StreamItem]:
+    """The held-out items a training config evaluates on (eval_max_per_source per source)."""
+    from vpit.mixtures import heldout_items, load_spec
+
+    spec = load_spec(cfg.data.mixture, dict(cfg.data.mixture_overrides) or None)
+    return heldout_items(spec, max_per_source=cfg.eval_max_per_source)
 
 
 def write_eval(run_dir: str | Path, step: int, metrics: dict[str, Any]) -> Path:
@@ -145,7 +263,7 @@ def evaluate_run(
     import yaml
 
     from vpit.mixtures import heldout_items, load_spec
-    from vpit.train.checkpoint import ResumeState
+    from vpit.train.checkpoint import read_state
     from vpit.train.export import load_checkpoint_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
@@ -158,6 +276,6 @@ def evaluate_run(
     model, tokenizer = load_checkpoint_model(ckpt)
     metrics = evaluate_items(model, tokenizer, items, suite=suite, max_len=cfg["data"].get("max_len", 1024))
     if step is None:
-        step = ResumeState.from_dict(json.loads((ckpt / "vpit_state.json").read_text())).step
+        step = read_state(ckpt).step
     write_eval(run_dir, step, metrics)
     return metrics

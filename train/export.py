@@ -1,8 +1,9 @@
 """`vpit export`: a training checkpoint -> a Hugging Face folder (model/build.py's layout).
 
 The ZeRO-3 shards of every rank are merged into one fp32 state dict by DeepSpeed's
-zero_to_fp32 reader (no process group needed), loaded into a model rebuilt from the run's
-saved LLM config, and written with `save_pretrained` (safetensors). The result loads with
+zero_to_fp32 reader (no process group needed), cast (bf16 by default) and assigned into a
+skeleton of the model built on the meta device from the run's saved LLM config (so no random
+full-size init happens first), and written with `save_pretrained` (safetensors). The result loads with
 plain `AutoModelForCausalLM.from_pretrained`; the projector, vision head and VPiT config
 lie beside it.
 """
@@ -35,29 +36,36 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32) -> tuple[VPiTModel, Any]:
-    """Rebuild the full model of a ZeRO-3 checkpoint on one process."""
+    """Rebuild the full model of a ZeRO-3 checkpoint on one process, in `dtype`."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = resolve_checkpoint(checkpoint)
     model_dir = ckpt.parent.parent / "model"
     if not (model_dir / "vpit.json").is_file():
         raise ConfigError(f"{model_dir}: missing; it is written by `vpit train` at the start of a run")
-    llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
-    model = VPiTModel(llm, VPiTConfig.load(model_dir / "vpit.json"))
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) real
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+        model = VPiTModel(llm, VPiTConfig.load(model_dir / "vpit.json"))
     state = read_zero3_state_dict(ckpt.parent, ckpt.name)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for key in list(state):  # cast one tensor at a time: the fp32 copy of each goes at once
+        state[key] = state.pop(key).to(dtype)
     tied = {"llm.lm_head.weight"} if llm.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state) - tied, set(state) - expected
+    if missing or unexpected:
         raise ConfigError(
-            f"{ckpt}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+            f"{ckpt}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]})"
         )
+    model.load_state_dict(state, strict=False, assign=True)
     llm.tie_weights()
-    return model.to(dtype).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    model, tokenizer = load_checkpoint_model(checkpoint)
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write an exported folder, bf16 by default (what the weights are trained in on GPU)."""
+    model, tokenizer = load_checkpoint_model(checkpoint, dtype)
     return save_exported(model, tokenizer, out)
 
 

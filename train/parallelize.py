@@ -7,10 +7,11 @@ matmuls are slow and the CPU runs exist to be exact (resume tests compare to 1e-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,13 @@ import torch
 from vpit.common import is_verbose, muted
 from vpit.errors import ConfigError, InputError
 from vpit.infra import config_file
+from vpit.model.build import Sharding
 
 __all__ = [
     "DistInfo",
+    "all_reduce",
+    "collective_device",
+    "sharded_build",
     "barrier",
     "ds_config",
     "gather_for_update",
@@ -62,6 +67,7 @@ def init_distributed() -> DistInfo:
     on_gpu = torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
     if "RANK" not in os.environ:  # run directly: a world of one
+        _refuse_worlds_of_one()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         # Rendezvous through a private file, not a TCP port: a "free" port picked here can be
         # taken by another process (Ray, a parallel grid cell) before the store binds it.
@@ -77,6 +83,64 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if on_gpu else torch.device("cpu")
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
+
+
+# Variables a multi-process launcher sets in each process it starts; torchrun and deepspeed
+# also set RANK, which is what the trainer needs to join one world.
+_LAUNCHERS = (
+    ("SLURM_NTASKS", "srun"),
+    ("OMPI_COMM_WORLD_SIZE", "mpirun"),
+    ("PMI_SIZE", "an MPI launcher"),
+    ("LOCAL_WORLD_SIZE", "a launcher"),
+)
+
+
+def _refuse_worlds_of_one() -> None:
+    """Several processes started without a rendezvous would each train alone, on the same data."""
+    for var, launcher in _LAUNCHERS:
+        if int(os.environ.get(var, "1") or 1) > 1:
+            raise ConfigError(
+                f"{var}={os.environ[var]}: {launcher} started several processes but none of them was given RANK "
+                "and WORLD_SIZE, so each would train as a world of one on the same data. Start the ranks with "
+                "torchrun (e.g. `srun torchrun --nnodes $SLURM_NNODES --nproc_per_node 8 ... -m vpit train ...`, "
+                "see infra/slurm/train.sh) or `deepspeed --module vpit train ...`"
+            )
+
+
+def collective_device(engine: Any) -> torch.device:
+    """Where a collective's tensors must live: the engine's device (NCCL serves only CUDA tensors)."""
+    return torch.device(engine.device)
+
+
+def all_reduce(values: list[float] | torch.Tensor, engine: Any, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) a float64 vector over ranks. The tensor is moved to the engine's device first
+    (a CPU tensor under NCCL fails with "No backend type associated with device type cpu"); the
+    result stays there (.tolist() brings it back)."""
+    t = torch.as_tensor(values, dtype=torch.float64).to(collective_device(engine))
+    torch.distributed.all_reduce(
+        t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    )
+    return t
+
+
+@contextlib.contextmanager
+def sharded_build(config: dict[str, Any], dtype: torch.dtype) -> Iterator[Sharding]:
+    """The context to build a model in under ZeRO-3, so that no rank ever holds all of it: while
+    transformers' HfDeepSpeedConfig lives, it creates (from_config) and loads (from_pretrained)
+    the LLM shard by shard; the VPiT MLPs are created under zero.Init. Ends it afterwards, so a
+    later plain load in the same process (export, evaluation) is not sharded."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed = _deepspeed()
+    keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - transformers holds only a weak reference
+    try:
+        yield Sharding(
+            new_modules=lambda: deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype),
+            gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0),
+            partition=lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=dtype),
+        )
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def barrier() -> None:
@@ -101,8 +165,11 @@ def ds_config(
     )
     cfg["bf16"] = {"enabled": on_gpu}
     cfg["fp16"] = {"enabled": False}
-    if not on_gpu:
-        cfg.get("checkpoint", {}).pop("use_node_local_storage", None)
+    if cfg.get("checkpoint", {}).get("use_node_local_storage"):
+        raise ConfigError(
+            f"deepspeed: {path} sets checkpoint.use_node_local_storage, but vpit's checkpoints are one "
+            "shared folder that every rank writes and any world size resumes from; remove it"
+        )
     return cfg
 
 

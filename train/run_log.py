@@ -9,12 +9,13 @@ Per-rank sample ids go to samples-rank{r}.jsonl, so a run's exact data order can
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from vpit.errors import ConfigError
 
-__all__ = ["RunLog", "plot_losses", "read_metrics"]
+__all__ = ["RunLog", "peak_flops", "plot_losses", "read_metrics"]
 
 
 def read_jsonl_by_step(path: Path) -> list[dict[str, Any]]:
@@ -29,6 +30,22 @@ def read_jsonl_by_step(path: Path) -> list[dict[str, Any]]:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return read_jsonl_by_step(Path(run_dir) / "metrics.jsonl")
+
+
+# Dense bf16 peak of one device, in FLOP/s, by name (what MFU is measured against).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(tflops: float | None, device: Any) -> float | None:
+    """The peak FLOP/s for MFU: the configured one, a known GPU's, or None (CPU, unknown GPU)."""
+    if tflops:
+        return tflops * 1e12
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path:
@@ -56,8 +73,11 @@ class RunLog:
     def __init__(self, run_dir: Path, rank: int, loggers: tuple[str, ...] = (), config: dict[str, Any] | None = None):
         self.run_dir, self.rank = Path(run_dir), rank
         self.sinks: list[Any] = []
+        names = list(loggers)
+        if "wandb" not in names and (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")):
+            names.append("wandb")  # a W&B user has it configured
         if rank == 0:
-            for name in loggers:
+            for name in names:
                 self.sinks.append(self._sink(name, config or {}))
 
     def _sink(self, name: str, config: dict[str, Any]) -> Any:
@@ -68,7 +88,13 @@ class RunLog:
                 return SummaryWriter(str(self.run_dir / "tensorboard"))
             import wandb
 
-            return wandb.init(project="vpit", dir=str(self.run_dir), config=config)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "vpit"),
+                dir=str(self.run_dir),
+                config=config,
+                mode=os.environ.get("WANDB_MODE", "offline"),
+            )
         except ImportError as e:
             raise ConfigError(
                 f"loggers: {name} was asked for but is not installed ({e}); "

@@ -67,7 +67,7 @@ def synthetic_items(
         messages = _generation(scene) if gen else _understanding(scene, rng)
         record = {
             "id": f"synthetic:{i:06d}",
-            "source": "synthetic",
+            "source": f"synthetic-{kind}",
             "kind": kind,
             "messages": messages,
             "caption": caption(scene),
@@ -76,7 +76,7 @@ def synthetic_items(
             {
                 "index": i,
                 "id": record["id"],
-                "source": "synthetic",
+                "source": f"synthetic-{kind}",
                 "group": kind,
                 "record": record,
                 "tokens": scene_tokens(scene, m, d, rng)[None],

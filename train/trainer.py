@@ -1,19 +1,22 @@
 """The VPiT trainer: DeepSpeed ZeRO-3, one loop (`train`), one step (`train_step`).
 
 Launch with `deepspeed` or `torchrun` (any world size), or run directly as a world of one.
-Every rank builds the same model from the same seed; DeepSpeed shards it. Each rank reads
-its fixed slice of every global batch from the source, so the run is a pure function of
-(config, plan): a resumed run continues the exact sample sequence and loss trajectory.
+The model is built sharded (zero.Init), so no rank ever holds all of it. The data position is
+the optimizer step: step k trains on global batch k of the stream (micro_batch_size x
+world_size x grad_accum samples, fixed for a run), each rank on its share. Losses are
+normalised by the whole global batch's target counts, so a step's gradient is the same
+however the batch is split among ranks and micro steps: a run resumed on another number of
+GPUs (through a universal checkpoint) continues the same sample sequence and trajectory.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
-import logging
 import math
+import signal
 import time
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +24,27 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from vpit.config import to_plain
 from vpit.errors import ConfigError
 from vpit.model.build import build_model
-from vpit.model.chat_template import ImageTokens, get_template
-from vpit.train.checkpoint import ResumeState, latest_checkpoint, load_checkpoint, save_checkpoint
+from vpit.model.chat_template import IGNORE, ImageTokens, get_template
+from vpit.train.checkpoint import (
+    ResumeState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    universal_checkpoint,
+)
 from vpit.train.collate import Collator, PackedBatch
 from vpit.train.config import TrainConfig
 from vpit.train.data import BatchSource, make_source
-from vpit.train.parallelize import barrier, ds_config, init_distributed, initialize
-from vpit.train.run_log import RunLog
+from vpit.train.parallelize import all_reduce, barrier, ds_config, init_distributed, initialize, sharded_build
+from vpit.train.run_log import RunLog, peak_flops
 
-__all__ = ["Trainer", "lr_schedule"]
+__all__ = ["Trainer", "lr_schedule", "preemption"]
 
-# torch 2.13 deprecates collective names DeepSpeed 0.19 still calls, once per step.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def lr_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -45,50 +55,61 @@ def lr_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@contextlib.contextmanager
+def preemption() -> Iterator[dict[str, int]]:
+    """SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before a kill) only sets a flag: the loop
+    checkpoints at the next step boundary and exits 0. The old handlers come back afterwards."""
+    flag = {"signal": 0}
+    old = {s: signal.signal(s, lambda signum, frame: flag.update(signal=signum)) for s in PREEMPT_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 class Trainer:
-    """Builds the model, the ZeRO-3 engine and the data source from a TrainConfig.
+    """Builds the model (sharded), the ZeRO-3 engine and the data source from a TrainConfig.
 
     Args:
         cfg: the training config.
         source: a batch source; default: the one `cfg.data` names.
+        resume: continue cfg.output_dir from its latest complete checkpoint (at any world size).
     """
 
-    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None):
+    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False):
         self.cfg = cfg
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.dist = init_distributed()
         self.run_dir = Path(cfg.output_dir)
-        self.global_batch = cfg.micro_batch_size * self.dist.world_size * cfg.grad_accum
+        world, accum = self.dist.world_size, cfg.grad_accum
+        self.global_batch = cfg.micro_batch_size * world * accum
         self.lr = cfg.lr * math.sqrt(self.global_batch / cfg.lr_reference_batch)
-        torch.manual_seed(cfg.seed)  # same init on every rank; DeepSpeed then shards it
-        model, self.tokenizer = build_model(cfg.model)
-        if cfg.stage == 1:
-            model.llm.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model_config = model.config
-        self.source = source or make_source(cfg.data, cfg.micro_batch_size * self.dist.world_size, cfg.model)
-        shape = getattr(self.source, "token_shape", None)
-        if shape and shape != (cfg.model.num_visual_tokens, cfg.model.vision_dim):
-            raise ConfigError(
-                f"model.num_visual_tokens/vision_dim: the config says ({cfg.model.num_visual_tokens}, "
-                f"{cfg.model.vision_dim}) but the mixture's token cache holds tokens of shape {shape}"
-            )
-        have = self.source.num_batches()
-        if have is not None and have < cfg.max_steps * cfg.grad_accum:
-            raise ConfigError(
-                f"max_steps: {cfg.max_steps} steps x grad_accum {cfg.grad_accum} need "
-                f"{cfg.max_steps * cfg.grad_accum} global batches of {cfg.micro_batch_size * self.dist.world_size}"
-                f" samples, but the mixture plans only {have}; lower max_steps or grow the mixture"
-            )
+        self.source = source or make_source(cfg.data, self.global_batch, cfg.model)
+        self._check_data()
         ds = ds_config(
             cfg.deepspeed,
             on_gpu=self.dist.on_gpu,
             micro_batch_size=cfg.micro_batch_size,
-            grad_accum=cfg.grad_accum,
-            world_size=self.dist.world_size,
+            grad_accum=accum,
+            world_size=world,
             grad_clip=cfg.grad_clip,
         )
+        self.resume_from = self._resume_point(resume)
+        if self.resume_from and self.resume_from[1].world_size != world:
+            ds["checkpoint"] = {"load_universal": True}  # the shards of another world size, re-cut
+        self.dtype = torch.bfloat16 if self.dist.on_gpu else torch.float32
+        torch.manual_seed(cfg.seed)  # the same init on every rank; each keeps its shard
+        with sharded_build(ds, self.dtype) if cfg.zero_init else contextlib.nullcontext() as sharding:
+            model, self.tokenizer = build_model(cfg.model, self.dtype, sharding)
+        self.vision_coef = model.config.vision_coef
+        if cfg.stage == 1:
+            model.llm.requires_grad_(False)
+            if not cfg.stage1_vision_head:  # MetaMorph's stage 1: the projector alone, on the text loss
+                model.vision_head.requires_grad_(False)
+                self.vision_coef = 0.0
+        if cfg.gradient_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model_config = model.config
         self.engine = initialize(
             model,
             ds,
@@ -106,105 +127,200 @@ class Trainer:
             cfg.data.max_len,
             cfg.data.overflow,
         )
-        self.dtype = torch.bfloat16 if self.dist.on_gpu else torch.float32
-        self.step = self.micro_steps = 0
-        self.log = RunLog(self.run_dir, self.dist.rank, cfg.loggers, dataclasses.asdict(cfg))
+        self.step = 0
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.peak = peak_flops(cfg.peak_tflops, self.dist.device)
+        self.log = RunLog(self.run_dir, self.dist.rank, cfg.loggers, to_plain(cfg))
+        self._heldout: list | None = None
 
-    def train(self, resume: bool = False) -> dict[str, Any]:
-        """Train to cfg.max_steps; with `resume`, from the latest complete checkpoint."""
-        self._prepare_run_dir(resume)
-        batches = self.source.batches(
-            self.micro_steps, self.dist.rank, self.dist.world_size, self.collate, self.cfg.data.num_workers
+    def _check_data(self) -> None:
+        cfg, shape = self.cfg, getattr(self.source, "token_shape", None)
+        if shape and shape != (cfg.model.num_visual_tokens, cfg.model.vision_dim):
+            raise ConfigError(
+                f"model.num_visual_tokens/vision_dim: the config says ({cfg.model.num_visual_tokens}, "
+                f"{cfg.model.vision_dim}) but the mixture's token cache holds tokens of shape {shape}"
+            )
+        have = self.source.num_steps()
+        if have is not None and have < cfg.max_steps:
+            raise ConfigError(
+                f"max_steps: {cfg.max_steps} steps need {cfg.max_steps} global batches of "
+                f"{self.global_batch} samples, but the mixture plans only {have}; lower max_steps or "
+                "grow the mixture"
+            )
+
+    def _resume_point(self, resume: bool) -> tuple[Path, ResumeState] | None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return None
+        if not resume:
+            raise ConfigError(
+                f"output_dir {self.run_dir} already holds checkpoints (latest {ckpt.name}); "
+                "pass --resume to continue it, or choose another output_dir"
+            )
+        state = read_state(ckpt)
+        if state.plan_hash != self.source.plan_hash:
+            raise ConfigError(
+                f"--resume: checkpoint {ckpt} was trained on mixture plan {state.plan_hash}, but the "
+                f"config now gives plan {self.source.plan_hash}; resume with the same mixture or use "
+                "a new output_dir"
+            )
+        if state.global_batch != self.global_batch:
+            raise ConfigError(
+                f"--resume: {ckpt} was trained with a global batch of {state.global_batch} samples (micro_batch_size "
+                f"x world_size x grad_accum), this run has {self.global_batch} ({self.cfg.micro_batch_size} x "
+                f"{self.dist.world_size} x {self.cfg.grad_accum}); the sample sequence is defined by it, so keep it: "
+                f"set grad_accum (or micro_batch_size) so that the product is {state.global_batch} again"
+            )
+        if state.world_size != self.dist.world_size:
+            if self.dist.rank == 0:
+                universal_checkpoint(ckpt)  # once: DeepSpeed refuses ZeRO-3 shards of another world size
+            barrier()
+        return ckpt, state
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Train to cfg.max_steps (or a pre-emption signal, then checkpoint and stop)."""
+        self._prepare_run_dir()
+        steps = self.source.steps(
+            self.step,
+            self.dist.rank,
+            self.dist.world_size,
+            self.cfg.grad_accum,
+            self.collate,
+            self.cfg.data.num_workers,
         )
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", disable=self.dist.rank != 0)
-        while self.step < self.cfg.max_steps:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(self.cfg.grad_accum)]
-            t1 = time.perf_counter()
-            row = self.train_step(micro)
-            row.update(data_s=t1 - t0, step_s=time.perf_counter() - t0)
-            row.update(tokens_per_s=row["tokens"] / row["step_s"], samples_per_s=row["samples"] / row["step_s"])
-            self.log.log(row, [i for b in micro for i in b.sample_ids])
-            bar.update(1)
-            bar.set_postfix(text=f"{row['text_loss']:.3f}", vision=f"{row['vision_loss']:.3f}")
-            evaluate = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
-            if evaluate or self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
-                ckpt = self.save()
-            if evaluate:
-                self._evaluate(ckpt)
+        preempted = 0
+        with preemption() as flag:
+            self.engine.train()
+            while self.step < self.cfg.max_steps:
+                t0 = time.perf_counter()
+                micro = next(steps)
+                t1 = time.perf_counter()
+                row = self.train_step(micro)
+                row.update(data_s=t1 - t0, step_s=time.perf_counter() - t0)
+                row.update(tokens_per_s=row["tokens"] / row["step_s"], samples_per_s=row["samples"] / row["step_s"])
+                if self.peak:  # 6 N flops per token (forward + backward), attention not counted
+                    row["mfu"] = 6 * self.n_params * row["tokens_per_s"] / (self.dist.world_size * self.peak)
+                self.log.log(row, [i for b in micro for i in b.sample_ids])
+                bar.update(1)
+                bar.set_postfix(text=f"{row['text_loss']:.3f}", vision=f"{row['vision_loss']:.3f}")
+                every = self.cfg.eval_every
+                last = self.step == self.cfg.max_steps
+                if (every and self.step % every == 0) or (last and (every or self.cfg.eval_at_end)):
+                    self.evaluate()
+                preempted = int(all_reduce([flag["signal"]], self.engine, op="max").tolist()[0])  # any rank's signal
+                if preempted or last or self.step % self.cfg.save_every == 0:
+                    self.save()
+                if preempted:
+                    break
         bar.close()
-        return self._finish()
+        return self._finish(preempted)
 
     def train_step(self, micro: list[PackedBatch]) -> dict[str, Any]:
-        """One optimizer step over `grad_accum` micro batches; metrics averaged over ranks."""
+        """One optimizer step over this rank's micro batches, normalised by the global batch."""
         lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in engine.step)
-        sums = torch.zeros(7, dtype=torch.float64)
+        dev, world = self.engine.device, self.dist.world_size
+        n_text, n_vision = all_reduce(
+            [sum(b.n_text for b in micro), sum(b.n_vision for b in micro)], self.engine
+        ).tolist()
+        # DeepSpeed averages over micro steps and ranks; scaling by their number makes the step's
+        # gradient that of (summed losses) / (the global batch's target counts).
+        scale = world * len(micro)
+        names = list(self.source.sources)
+        per_source = torch.zeros(len(names), 5, dtype=torch.float64)  # text sum, n, vision sum, n, samples
+        local = torch.zeros(7, dtype=torch.float64)  # text sum, vision sum, tokens, padded, samples, trunc, drop
         for batch in micro:
-            out = self.engine(**batch.model_inputs(self.dist.device, self.dtype))
-            self.engine.backward(out.loss)
+            out = self.engine(**batch.model_inputs(dev, self.dtype), return_token_losses=True)
+            loss = scale * (
+                out.text_sum / max(float(n_text), 1.0) + self.vision_coef * out.vision_sum / max(float(n_vision), 1.0)
+            )
+            self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            sums += torch.tensor(
+            local += torch.tensor(
                 [
-                    out.loss.item(),
-                    out.text_loss.item(),
-                    out.vision_loss.item(),
+                    out.text_sum.item(),
+                    out.vision_sum.item(),
                     batch.n_tokens,
+                    batch.padded_tokens,
                     len(batch.sample_ids),
                     batch.truncated,
                     batch.dropped,
                 ],
                 dtype=torch.float64,
             )
-        self.micro_steps += len(micro)
+            per_source += _per_source(batch, out, names)
         self.step += 1
-        torch.distributed.all_reduce(sums)
-        n = len(micro) * self.dist.world_size
-        return {
+        sums = all_reduce(torch.cat([local, per_source.flatten()]), self.engine).cpu()
+        slowest = all_reduce([float(local[2])], self.engine, op="max").tolist()[0]
+        (text, vision, tokens, padded, samples, truncated, dropped), src = sums[:7].tolist(), sums[7:].view(-1, 5)
+        row = {
             "step": self.step,
-            "loss": sums[0].item() / n,
-            "text_loss": sums[1].item() / n,
-            "vision_loss": sums[2].item() / n,
             "lr": lr,
-            "tokens": int(sums[3]),
-            "samples": int(sums[4]),
-            "truncated": int(sums[5]),
-            "dropped": int(sums[6]),
+            "text_loss": text / max(float(n_text), 1.0),
+            "vision_loss": vision / max(float(n_vision), 1.0),
+            "tokens": int(tokens),
+            "samples": int(samples),
+            "truncated": int(truncated),
+            "dropped": int(dropped),
+            "padding_share": 1 - tokens / max(padded, 1),
+            "slowest_rank_tokens_ratio": slowest * world / max(tokens, 1),
         }
+        row["loss"] = row["text_loss"] + self.vision_coef * row["vision_loss"]
+        row.update(_breakdown(src, names, self.source.groups))
+        return row
 
-    def _evaluate(self, ckpt: Path) -> None:
-        """Rank 0 evaluates the checkpoint just written; the others wait for it."""
+    # -- evaluation, checkpoints, run files --------------------------------------------------
+    def evaluate(self) -> dict[str, Any] | None:
+        """Evaluate the live model on the held-out split, the items shared among ranks; rank 0
+        writes RUN/eval/step-N.json. Every rank calls this (the forward passes are collective)."""
+        from vpit.train.evaluate import evaluate_sharded, heldout_for
+
+        if self._heldout is None:  # the same items at every evaluation: read once per run
+            self._heldout = heldout_for(self.cfg)
+        self.engine.eval()
+        metrics = evaluate_sharded(
+            self.engine.module,
+            self.tokenizer,
+            self._heldout,
+            suite=self.cfg.eval_suite,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            max_len=self.cfg.data.max_len,
+        )
+        self.engine.train()
         if self.dist.rank == 0:
-            from vpit.train.evaluate import evaluate_run
+            from vpit.train.evaluate import write_eval
 
-            metrics = evaluate_run(
-                ckpt, suite=self.cfg.eval_suite, max_per_source=self.cfg.eval_max_per_source, step=self.step
-            )
+            write_eval(self.run_dir, self.step, metrics)
             shown = {k: round(v, 4) for k, v in metrics.items() if "/" in k and isinstance(v, float)}
             tqdm.write(f"eval at step {self.step}: {shown}")
-        barrier()
+        return metrics if self.dist.rank == 0 else None
 
     def save(self) -> Path:
         state = ResumeState(
             step=self.step,
-            micro_steps=self.micro_steps,
+            global_batch=self.global_batch,
             plan_hash=self.source.plan_hash,
             world_size=self.dist.world_size,
         )
         return save_checkpoint(self.engine, self.run_dir, state, self.dist.rank, self.cfg.keep_checkpoints)
 
-    def _prepare_run_dir(self, resume: bool) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None and not resume:
-            raise ConfigError(
-                f"output_dir {self.run_dir} already holds checkpoints (latest {ckpt.name}); "
-                "pass --resume to continue it, or choose another output_dir"
-            )
-        if ckpt is not None:
-            state = load_checkpoint(self.engine, ckpt, self.source.plan_hash)
-            self.step, self.micro_steps = state.step, state.micro_steps
+    def _prepare_run_dir(self) -> None:
+        if self.resume_from is not None:
+            ckpt, state = self.resume_from
+            load_checkpoint(self.engine, ckpt, universal=state.world_size != self.dist.world_size)
+            self.step = state.step
             if self.dist.rank == 0:
+                how = (
+                    f" (saved at world size {state.world_size}, re-cut for {self.dist.world_size})"
+                    if state.world_size != self.dist.world_size
+                    else ""
+                )
                 print(
-                    f"resumed from {ckpt.name}: step {self.step}, {self.micro_steps} micro batches consumed", flush=True
+                    f"resumed from {ckpt.name}{how}: step {self.step}, {self.step * self.global_batch} samples "
+                    "consumed",
+                    flush=True,
                 )
         else:  # a fresh run: logs of an earlier run that never checkpointed are stale
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,14 +334,14 @@ class Trainer:
     def _write_run_files(self) -> None:
         """What `vpit export` needs besides the checkpoint: config, tokenizer, LLM config."""
         (self.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(self.cfg))), sort_keys=False)
+            yaml.safe_dump(json.loads(json.dumps(to_plain(self.cfg))), sort_keys=False)
         )
         model_dir = self.run_dir / "model"
         self.tokenizer.save_pretrained(model_dir)
         self.engine.module.llm.config.save_pretrained(model_dir)
         self.model_config.save(model_dir / "vpit.json")
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, preempted: int) -> dict[str, Any]:
         from vpit.train.run_log import read_metrics
 
         png = self.log.finish()
@@ -237,6 +353,50 @@ class Trainer:
             "loss_png": str(png),
             "first": rows[0] if rows else None,
             "last": rows[-1] if rows else None,
+            "preempted": signal.Signals(preempted).name if preempted else None,
         }
         barrier()
         return summary
+
+
+def _per_source(batch: PackedBatch, out: Any, names: list[str]) -> torch.Tensor:
+    """(sources, 5) sums of this micro batch: text loss, text targets, vision loss, visual targets, samples."""
+    index = torch.full(batch.labels.shape, -1, dtype=torch.long)
+    for (row, start, end), source in zip(batch.spans, batch.sources, strict=True):
+        index[row, start:end] = names.index(source) if source in names else -1
+    text_mask = torch.zeros_like(batch.vision_target)
+    text_mask[:, 1:] = batch.labels[:, 1:] != IGNORE
+    vis_mask = torch.zeros_like(batch.vision_target)
+    vis_mask[:, 1:] = batch.vision_target[:, 1:]
+    out_t, out_v = out.text_token_loss.detach().double().cpu(), out.vision_token_loss.detach().double().cpu()
+    sums = torch.zeros(len(names), 5, dtype=torch.float64)
+    for col, (values, mask) in enumerate(((out_t, text_mask), (out_v, vis_mask))):
+        keep = mask & (index >= 0)
+        sums[:, 2 * col].index_add_(0, index[keep], values[keep])
+        sums[:, 2 * col + 1].index_add_(0, index[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    for source in batch.sources:
+        if source in names:
+            sums[names.index(source), 4] += 1
+    return sums
+
+
+def _breakdown(src: torch.Tensor, names: list[str], groups: dict[str, str]) -> dict[str, float]:
+    """Losses per source and per group, and the realised share of each group, from per-source sums."""
+    out: dict[str, float] = {}
+    total = float(src[:, 4].sum())
+    by_group: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(names):
+        t, nt, v, nv, n = src[i].tolist()
+        if nt:
+            out[f"text_loss/source/{name}"] = t / nt
+        if nv:
+            out[f"vision_loss/source/{name}"] = v / nv
+        g = groups.get(name, name)
+        by_group[g] = by_group.get(g, torch.zeros(5, dtype=torch.float64)) + src[i]
+    for g, (t, nt, v, nv, n) in sorted((g, s.tolist()) for g, s in by_group.items()):
+        if nt:
+            out[f"text_loss/group/{g}"] = t / nt
+        if nv:
+            out[f"vision_loss/group/{g}"] = v / nv
+        out[f"share/{g}"] = n / max(total, 1.0)
+    return out

@@ -164,6 +164,11 @@ def pyplot():
     return plt
 
 
+# torchrun passes these on to its ranks (the trainer checkpoints and exits 0 on SIGTERM/SIGUSR1)
+# and gives them this long to finish before SIGKILL; its defaults are no SIGUSR1 and 30 s.
+TORCHRUN_SIGNALS = ("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=900")
+
+
 def vpit_argv(*args: str, nproc: int = 1) -> list[str]:
     """The command line that runs `vpit ARGS` with this Python: `python -m vpit`, under torchrun
     (--standalone: the store binds its own port, so no race for a free one) when nproc > 1.
@@ -175,6 +180,7 @@ def vpit_argv(*args: str, nproc: int = 1) -> list[str]:
             "torch.distributed.run",
             "--standalone",
             f"--nproc_per_node={nproc}",
+            *TORCHRUN_SIGNALS,
             "-m",
             "vpit",
             *args,

@@ -136,3 +136,5 @@ class StreamItem(TypedDict):
     record: Record
     tokens: NotRequired[np.ndarray]
     """(n_images, m, d) float32 visual tokens from the token cache."""
+    micro: NotRequired[int]
+    """The micro step of the optimizer step this item trains in (when a step has several)."""

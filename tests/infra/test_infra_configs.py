@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,6 @@ REFERENCE_ZERO3 = {
     "stage3_param_persistence_threshold": 10 * 4096,
     "stage3_max_live_parameters": 1e9,
     "stage3_max_reuse_distance": 1e9,
-    "stage3_gather_16bit_weights_on_model_save": True,
 }
 
 
@@ -66,7 +66,9 @@ def test_gpu_zero3_configs_carry_the_reference_values(name):
     cfg = _ds_config(INFRA / "deepspeed" / name)
     assert cfg.bfloat16_config.enabled and not cfg.float16_config.enabled
     assert cfg.zero_config.prefetch_bucket_size == REFERENCE_ZERO3["stage3_prefetch_bucket_size"]
-    assert cfg.zero_config.gather_16bit_weights_on_model_save
+    # vpit exports through zero_to_fp32, so nothing asks DeepSpeed to gather 16-bit weights on save,
+    # and a checkpoint is one shared folder (node-local storage would split it)
+    assert not cfg.zero_config.gather_16bit_weights_on_model_save and "checkpoint" not in raw
     offload = cfg.zero_config.offload_optimizer
     if "offload" in name:
         assert offload is not None and offload.device == "cpu" and offload.pin_memory
@@ -215,3 +217,43 @@ def test_the_deepspeed_launch_line_parses_with_our_cli():
         ]
     )
     assert (args.command, args.action, args.local_rank) == ("decoder", "train", 3)
+
+
+def test_the_slurm_training_script_trains_two_ranks_through_srun_and_torchrun(tmp_path):
+    """infra/slurm/train.sh run as sbatch would run it on one node with two "GPUs": `srun` and
+    `scontrol` are stand-ins (srun runs its command once, as on a one-node allocation); torchrun
+    and the trainer are real, and the two ranks meet at the c10d rendezvous the script names."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    (fake / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(
+        f"output_dir: {tmp_path}/run\nmodel: {{llm: tiny, tokenizer: qwen2.5, vision_dim: 8, num_visual_tokens: 2,"
+        " hidden_size: 16, num_heads: 2, intermediate_size: 32, num_layers: 1}\n"
+        "data: {synthetic: 16, max_len: 128, num_workers: 0}\nmicro_batch_size: 1\nmax_steps: 2\nloggers: []\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        PATH=f"{fake}:{env['PATH']}",
+        VPIT_VENV=sys.prefix,
+        SLURM_JOB_ID="4242",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST="node01",
+        SLURM_GPUS_PER_NODE="2",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        OMP_NUM_THREADS="1",
+    )
+    res = subprocess.run(
+        ["bash", str(INFRA / "slurm" / "train.sh"), str(cfg)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "vpit-train: 1 nodes x 2 GPUs" in res.stdout and "trained 2 steps (global batch 2" in res.stdout
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/vpit_state.json")).read_text())
+    assert state["world_size"] == 2

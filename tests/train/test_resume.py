@@ -91,5 +91,72 @@ def test_kill_and_resume_matches_uninterrupted_run_at_world_size_2(tmp_path, tra
     assert set(_ids(ref_dir, 0)[1]).isdisjoint(_ids(ref_dir, 1)[1])
     assert reference[-1]["text_loss"] < reference[0]["text_loss"]
     state = json.loads((complete_checkpoints(cut_dir)[-1][1] / "vpit_state.json").read_text())
-    assert state == {"step": STEPS, "micro_steps": 2 * STEPS, "plan_hash": train_mixture["hash"], "world_size": 2}
+    assert state == {"step": STEPS, "global_batch": 12, "plan_hash": train_mixture["hash"], "world_size": 2}
     assert (cut_dir / "loss.png").stat().st_size > 1000
+
+
+def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and len(read_metrics(run)) < n:
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_a_resume_at_world_size_1_continues_the_same_samples(
+    tmp_path, train_mixture, bpe_tokenizer
+):
+    """Pre-emption at world 2 (torchrun passes SIGTERM on to both ranks): a checkpoint at the next
+    step boundary and exit 0. The resume runs at world size 1 (grad_accum 4 keeps the global batch
+    of 12): DeepSpeed refuses the ZeRO-3 shards of world 2, so the trainer re-cuts them as a
+    universal checkpoint; every later step trains on the samples of the uninterrupted world-2 run,
+    with the same losses to 1e-5."""
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_cfg = _config(tmp_path / "ref.yaml", ref_dir, train_mixture, bpe_tokenizer)
+    # the reference also evaluates its live model at the end, the held-out items shared by the 2 ranks
+    ref = run_vpit(["train", str(ref_cfg), "--set", f"eval_every={STEPS}", "--set", "eval_max_per_source=6"], nproc=2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = read_metrics(ref_dir)
+    live = json.loads((ref_dir / "eval" / f"step-{STEPS:06d}.json").read_text())
+    offline = run_vpit(["eval", str(ref_dir), "--max-per-source", "6"])  # one process, the merged checkpoint
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    merged = json.loads((ref_dir / "eval" / f"step-{STEPS:06d}.json").read_text())
+    assert live["n_understanding"] == merged["n_understanding"] > 0
+    assert live["n_generation"] == merged["n_generation"] > 0
+    for key, value in merged.items():
+        if "/" in key:
+            assert live[key] == pytest.approx(value, abs=1e-5), key
+
+    cfg = _config(tmp_path / "cut.yaml", cut_dir, train_mixture, bpe_tokenizer)
+    cfg.write_text(cfg.read_text().replace("save_every: 4", "save_every: 1000"))  # only the pre-emption saves
+    log = open(tmp_path / "cut.log", "w")
+    proc = run_vpit(["train", str(cfg)], nproc=2, stdout=log, stderr=subprocess.STDOUT)
+    _wait_for_steps(cut_dir, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)  # torchrun itself exits non-zero after passing a signal on; the ranks exit 0
+    text = (tmp_path / "cut.log").read_text()
+    assert "stopped by SIGTERM after a checkpoint" in text, text[-2000:]
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text, text[-2000:]
+    ckpts = complete_checkpoints(cut_dir)
+    assert len(ckpts) == 1, ckpts
+    stopped_at = ckpts[0][0]
+    assert 6 <= stopped_at < STEPS
+    assert json.loads((ckpts[0][1] / "vpit_state.json").read_text())["world_size"] == 2
+
+    # a changed global batch is refused with what to do
+    bad = run_vpit(["train", str(cfg), "--resume"])
+    assert bad.returncode == 2
+    assert "global batch of 12" in bad.stderr and "grad_accum" in bad.stderr, bad.stderr[-800:]
+
+    res = run_vpit(["train", str(cfg), "--resume", "--set", "grad_accum=4"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from step-{stopped_at:08d} (saved at world size 2, re-cut for 1)" in res.stdout, res.stdout[-800:]
+    assert (ckpts[0][1] / "universal" / "done").is_file()
+    resumed = read_metrics(cut_dir)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(reference[stopped_at:], resumed[stopped_at:]):
+        for key in ("loss", "text_loss", "vision_loss", "lr"):
+            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+        assert (a["tokens"], a["samples"]) == (b["tokens"], b["samples"])
+    ref0, ref1, cut0 = _ids(ref_dir, 0), _ids(ref_dir, 1), _ids(cut_dir, 0)
+    for step in range(stopped_at + 1, STEPS + 1):
+        assert sorted(cut0[step]) == sorted(ref0[step] + ref1[step]), step
