@@ -79,6 +79,15 @@ class _StepCollate:
         return self.collate.step(items, self.micro_batches)
 
 
+def _ignore_preemption(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: torchrun signals the whole process group, and a
+    worker that died of it would fail the trainer's step instead of letting it checkpoint."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class MixtureSource:
     """A mixture spec -> plan -> `MixtureStream` -> DataLoader(collate in workers)."""
 
@@ -127,6 +136,7 @@ class MixtureSource:
             batch_size=None,
             num_workers=num_workers,
             collate_fn=_StepCollate(collate, micro_batches),
+            worker_init_fn=_ignore_preemption if num_workers else None,
             prefetch_factor=4 if num_workers else None,
             persistent_workers=False,
         )

@@ -132,6 +132,10 @@ class Trainer:
         self.peak = peak_flops(cfg.peak_tflops, self.dist.device)
         self.log = RunLog(self.run_dir, self.dist.rank, cfg.loggers, to_plain(cfg))
         self._heldout: list | None = None
+        if (cfg.eval_every or cfg.eval_at_end) and cfg.data.mixture:  # no held-out split: fail now, not at the end
+            from vpit.train.evaluate import heldout_for
+
+            self._heldout = heldout_for(cfg)
 
     def _check_data(self) -> None:
         cfg, shape = self.cfg, getattr(self.source, "token_shape", None)

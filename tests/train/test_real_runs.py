@@ -109,25 +109,37 @@ def test_init_from_names_a_wrong_folder_and_a_wrong_shape(tmp_path, local_llm, s
         build_model(ModelConfig(llm=str(local_llm), vision_dim=64, num_visual_tokens=4, init_from=str(stage1_export)))
 
 
+_COLLECTIVE_PROBE = """
+import sys
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+from vpit.train.parallelize import all_reduce
+dist.init_process_group("meta:gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+try:
+    dist.all_reduce(torch.zeros(7, dtype=torch.float64))  # what the trainer did before
+    print("CPU TENSOR ACCEPTED")
+except RuntimeError as e:
+    print("REFUSED:", e)
+out = all_reduce([1.0, 2.0], SimpleNamespace(device=torch.device("meta")), op="max")
+print("HELPER:", out.device.type, out.dtype)
+"""
+
+
 def test_collectives_run_on_the_engines_device(tmp_path):
     """Defect 1: NCCL serves only CUDA tensors. A process group whose only backend serves another
     device type reproduces NCCL's refusal of a CPU tensor on CPU; the trainer's reductions put
-    their tensor on the engine's device, which that group accepts."""
-    from types import SimpleNamespace
-
-    import torch.distributed as dist
-
-    from vpit.train.parallelize import all_reduce
-
-    assert not dist.is_initialized()
-    dist.init_process_group("meta:gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
-            dist.all_reduce(torch.zeros(7, dtype=torch.float64))  # what the trainer did before
-        out = all_reduce([1.0, 2.0], SimpleNamespace(device=torch.device("meta")), op="max")
-        assert out.device.type == "meta" and out.dtype == torch.float64
-    finally:
-        dist.destroy_process_group()
+    their tensor on the engine's device, which that group accepts. (In a process of its own: the
+    default group is one per process.)"""
+    res = subprocess.run(
+        [sys.executable, "-c", _COLLECTIVE_PROBE, str(tmp_path / "store")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "REFUSED: No backend type associated with device type cpu" in res.stdout
+    assert "HELPER: meta torch.float64" in res.stdout
 
 
 def test_the_trainer_reduces_only_through_the_device_aware_helper():

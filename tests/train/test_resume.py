@@ -111,20 +111,9 @@ def test_sigterm_checkpoints_and_a_resume_at_world_size_1_continues_the_same_sam
     universal checkpoint; every later step trains on the samples of the uninterrupted world-2 run,
     with the same losses to 1e-5."""
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    ref_cfg = _config(tmp_path / "ref.yaml", ref_dir, train_mixture, bpe_tokenizer)
-    # the reference also evaluates its live model at the end, the held-out items shared by the 2 ranks
-    ref = run_vpit(["train", str(ref_cfg), "--set", f"eval_every={STEPS}", "--set", "eval_max_per_source=6"], nproc=2)
+    ref = run_vpit(["train", str(_config(tmp_path / "ref.yaml", ref_dir, train_mixture, bpe_tokenizer))], nproc=2)
     assert ref.returncode == 0, ref.stderr[-3000:]
     reference = read_metrics(ref_dir)
-    live = json.loads((ref_dir / "eval" / f"step-{STEPS:06d}.json").read_text())
-    offline = run_vpit(["eval", str(ref_dir), "--max-per-source", "6"])  # one process, the merged checkpoint
-    assert offline.returncode == 0, offline.stderr[-2000:]
-    merged = json.loads((ref_dir / "eval" / f"step-{STEPS:06d}.json").read_text())
-    assert live["n_understanding"] == merged["n_understanding"] > 0
-    assert live["n_generation"] == merged["n_generation"] > 0
-    for key, value in merged.items():
-        if "/" in key:
-            assert live[key] == pytest.approx(value, abs=1e-5), key
 
     cfg = _config(tmp_path / "cut.yaml", cut_dir, train_mixture, bpe_tokenizer)
     cfg.write_text(cfg.read_text().replace("save_every: 4", "save_every: 1000"))  # only the pre-emption saves
