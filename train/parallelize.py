@@ -132,12 +132,17 @@ def sharded_build(config: dict[str, Any], dtype: torch.dtype) -> Iterator[Shardi
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     deepspeed = _deepspeed()
+    if config.get("bf16", {}).get("enabled", False) != (dtype == torch.bfloat16):
+        raise ConfigError(f"deepspeed: bf16.enabled must match the model dtype {dtype}")
+    # zero.Init is given no dtype: it then takes the config's (bf16 or fp32). Given one, DeepSpeed
+    # 0.19 keeps it only where the accelerator reports fp16 support, and on a CPU without
+    # mkldnn fp16 it silently makes bf16 partitions (an operator-precedence slip in _set_dtype).
     keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - transformers holds only a weak reference
     try:
         yield Sharding(
-            new_modules=lambda: deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype),
+            new_modules=lambda: deepspeed.zero.Init(config_dict_or_path=config),
             gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0),
-            partition=lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=dtype),
+            partition=lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config),
         )
     finally:
         unset_hf_deepspeed_config()

@@ -80,6 +80,7 @@ def test_the_model_is_built_sharded_under_zero_init(probe):
     HfDeepSpeedConfig), the projector and the head are all shards as soon as they exist."""
     assert probe["sharded_at_build"] == {"llm": True, "projector": True, "vision_head": True}
     assert probe["new_rows_are_the_mean"] and probe["new_rows_nonzero"]  # gathered, set, re-sharded
+    assert probe["shard_dtypes"] == ["torch.float32"]  # fp32 on CPU, never DeepSpeed's guess
 
 
 def test_a_pretrained_llm_trains_in_train_mode_and_checkpointing_recomputes(probe):

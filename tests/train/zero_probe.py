@@ -47,6 +47,8 @@ def main(llm_dir: str, export_dir: str, out_dir: str) -> None:
         name: all(hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in m.parameters())
         for name, m in parts.items()
     }
+    # the shards hold the dtype asked for (DeepSpeed's own default made bf16 ones on some CPUs)
+    facts["shard_dtypes"] = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
     facts["train_mode_after_build"] = model.training and model.llm.training
     emb = model.llm.get_input_embeddings().weight
     with deepspeed.zero.GatheredParameters([emb]):
