@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=240, help="shapes-world records to ingest (about 1 image each)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "int8"))
     args = ap.parse_args()
 
     import ray

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -75,8 +76,10 @@ def _child(config: str, sets: list[str], resume: bool, report: str) -> None:
 
 
 def _llm_folder(work: Path) -> Path:
-    """A ~0.66B Llama (507M in the decoder, 155M tied embedding of the Qwen2.5 vocabulary)."""
-    folder = work / "llama-0.6b"
+    """A ~0.54B Llama (380M in the decoder, 155M tied embedding of the Qwen2.5 vocabulary): at world
+    size 2 in fp32 ZeRO-3 (shards, gradients, Adam states, DeepSpeed's fp32 partitions) two ranks
+    peak near 19 GB together, what a 24 GB machine holds; 24 layers (0.66B) was killed for memory."""
+    folder = work / "llama-0.54b"
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -89,7 +92,7 @@ def _llm_folder(work: Path) -> Path:
         vocab_size=len(tok),
         hidden_size=1024,
         intermediate_size=5504,
-        num_hidden_layers=24,
+        num_hidden_layers=18,
         num_attention_heads=16,
         num_key_value_heads=16,
         max_position_embeddings=2048,
@@ -159,11 +162,22 @@ def _metrics(run: Path) -> dict[int, dict]:
 
 
 def _cut_at(src: Path, dst: Path, step: int) -> None:
-    """A copy of run `src` as if it had stopped after the checkpoint of `step`."""
+    """A copy of run `src` as if it had stopped after the checkpoint of `step`. The checkpoint's
+    files are hard links (several GB; a resumed run only adds files beside them), the rest is
+    copied (the resumed run appends to its metrics)."""
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    for ckpt in (dst / "checkpoints").iterdir():
-        if ckpt.name.startswith("step-") and int(ckpt.name[5:]) > step:
+    shutil.copytree(src, dst, ignore=lambda d, names: ["checkpoints"] if Path(d) == src else [])
+    for ckpt in (src / "checkpoints").iterdir():
+        if not ckpt.name.startswith("step-"):
+            shutil.copy2(ckpt, dst / "checkpoints" / ckpt.name) if ckpt.is_file() else None
+        elif int(ckpt.name[5:]) <= step:
+            shutil.copytree(ckpt, dst / "checkpoints" / ckpt.name, copy_function=os.link)
+
+
+def _drop_checkpoints(run: Path, keep: int | None = None) -> None:
+    """Free the disk of a finished run's checkpoints (all, or all but step `keep`)."""
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        if keep is None or int(ckpt.name[5:]) != keep:
             shutil.rmtree(ckpt)
 
 
@@ -196,16 +210,26 @@ def main() -> None:
     cfg = _config(work, llm)
     print(f"LLM folder {llm}; world size 2 (gloo), {STEPS} steps of global batch {GLOBAL_BATCH}", flush=True)
 
+    # A checkpoint of this model with its Adam states is about 6 GB per world: each run's are
+    # dropped as soon as nothing needs them (the whole bench peaks near 30 GB of disk).
     ref2 = _run(cfg, work / "run-w2", 2, "gradient_checkpointing=true")
+    _drop_checkpoints(work / "run-w2", keep=2)
     print(f"uninterrupted, world 2: {ref2['wall_s']:.0f}s", flush=True)
     plain = _run(cfg, work / "run-w2-no-zero-init", 2, "zero_init=false", "max_steps=1", "save_every=1000")
     no_ckpt = _run(cfg, work / "run-w2-no-ckpt", 2, "max_steps=1", "save_every=1000")
+    for run in ("run-w2-no-zero-init", "run-w2-no-ckpt"):
+        _drop_checkpoints(work / run)
     ref1 = _run(cfg, work / "run-w1", 1, "grad_accum=2", "gradient_checkpointing=true")
+    _drop_checkpoints(work / "run-w1", keep=2)
     print(f"uninterrupted, world 1: {ref1['wall_s']:.0f}s", flush=True)
     _cut_at(work / "run-w2", work / "run-2to1", 2)
     r21 = _run(cfg, work / "run-2to1", 1, "grad_accum=2", "gradient_checkpointing=true", resume=True)
+    _drop_checkpoints(work / "run-2to1")
+    _drop_checkpoints(work / "run-w2")
     _cut_at(work / "run-w1", work / "run-1to2", 2)
     r12 = _run(cfg, work / "run-1to2", 2, "gradient_checkpointing=true", resume=True)
+    for run in ("run-1to2", "run-w1"):
+        _drop_checkpoints(work / run)
     assert "re-cut for 1" in r21["stdout"] and "re-cut for 2" in r12["stdout"], (r21["stdout"], r12["stdout"])
 
     m2, m1 = _metrics(work / "run-w2"), _metrics(work / "run-w1")

@@ -58,7 +58,7 @@ class CachePairs:
         self._where: list[tuple[int, int, int]] = []
         self.names: list[str] = []
         for shard in range(len(self.dataset.shards)):
-            entries = self.dataset.reader(shard).index["samples"]
+            entries = self.dataset.reader(shard).json_index()["samples"]
             for pos, entry in enumerate(entries):
                 start, end = self.cache.rows(shard, pos)
                 for k in range(end - start):

@@ -1,13 +1,19 @@
 """What a source can draw from, and how to read one item of it without scanning a tar.
 
-A `Catalog` numbers a source's eligible samples 0..size-1 in shard order (after the
-optional `kind` filter) and maps that number to (shard, position) with one binary
-search. It is built from the manifest alone when no filter is set or a shard holds one
-kind only; only shards that mix kinds have their index read.
+A `Catalog` numbers a source's eligible samples 0..size-1 in dataset order (after the
+optional `kind` filter and the held-out split). Eligible sample i is global sample
+`picks[i]` of the dataset (or i itself when every sample is eligible), and a global sample
+number maps to (shard, position) by one binary search over the shard starts: O(log shards)
+per item, whatever the number of shards.
 
-`RecordReader` reads a sample's JSON through the shard index with `os.pread`: no shared
-file offset, so the prefetching threads can read from the same file at once (the
-pipelines `ShardReader` seeks then reads, which is not thread-safe).
+Building a catalog reads the manifest, and, for a `kind:` filter over shards that mix kinds
+or for a held-out split, the dataset's `catalog/` arrays (kind, id hash), written once at
+ingest: never a shard index.
+
+`RecordReader` reads a sample's JSON with `os.pread` through the shard's binary index, keeping
+at most `DEFAULT_OPEN_SHARDS` shards open (`pipelines.open_files`): no shared file offset, so
+the prefetching threads read from the same file at once, and no descriptor or index is kept
+for every shard a long run touches.
 """
 
 from __future__ import annotations
@@ -15,31 +21,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from vpit.errors import ConfigError
-from vpit.pipelines.shards import load_manifest
-from vpit.records import Record, ShardIndex
+from vpit.pipelines.open_files import DEFAULT_OPEN_SHARDS, OpenFiles
+from vpit.pipelines.sample import KINDS
+from vpit.pipelines.shard_index import heldout_hash, load_catalog_arrays, load_shard_arrays
+from vpit.pipelines.shards import load_manifest, open_tar
+from vpit.records import Record
 
-__all__ = ["Catalog", "RecordReader", "build_catalog", "is_heldout"]
+__all__ = ["Catalog", "RecordReader", "build_catalog", "heldout_threshold", "is_heldout"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Catalog:
-    """The eligible samples of one source, numbered in shard order."""
+    """The eligible samples of one source, numbered in dataset order."""
 
     root: Path
     """Dataset folder."""
     shard_names: tuple[str, ...]
     """Shard names in manifest order."""
-    offsets: np.ndarray
-    """int64, len(shards) + 1: eligible samples before each shard (a cumulative sum)."""
-    picks: dict[int, np.ndarray]
-    """For shards only partly eligible: the eligible positions within the shard."""
+    shard_starts: np.ndarray
+    """int64, len(shards) + 1: the global number of each shard's first sample (a cumulative sum)."""
+    picks: np.ndarray | None
+    """int64, sorted: the global numbers of the eligible samples; None when every sample is."""
     fingerprint: str
     """Hash of the shards' checksums and the filter: what the numbering depends on."""
     kinds: dict[str, int]
@@ -47,31 +56,28 @@ class Catalog:
 
     @property
     def size(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.shard_starts[-1]) if self.picks is None else len(self.picks)
+
+    def global_numbers(self, items: np.ndarray) -> np.ndarray:
+        items = np.asarray(items, dtype=np.int64)
+        return items if self.picks is None else np.asarray(self.picks[items], dtype=np.int64)
 
     def locate(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, position) arrays for eligible-sample numbers `items`."""
-        items = np.asarray(items, dtype=np.int64)
-        shard = np.searchsorted(self.offsets, items, side="right") - 1
-        pos = items - self.offsets[shard]
-        for s, picks in self.picks.items():
-            sel = shard == s
-            if sel.any():
-                pos[sel] = picks[pos[sel]]
-        return shard, pos
+        g = self.global_numbers(items)
+        shard = np.searchsorted(self.shard_starts, g, side="right") - 1
+        return shard, g - self.shard_starts[shard]
 
 
-def _read_index(root: Path, name: str) -> ShardIndex:
-    return json.loads((root / "shards" / f"{name}.idx.json").read_text(encoding="utf-8"))
+def heldout_threshold(fraction: float) -> int:
+    """Samples whose held-out hash is below this integer are held out (h < fraction * 2^64)."""
+    return math.ceil(fraction * 2**64) if fraction > 0 else 0
 
 
 def is_heldout(sample_id: str, fraction: float) -> bool:
     """Whether a sample belongs to the held-out split: a hash of its id, so the split is the
     same for every mixture, seed and machine, and a sample never moves between splits."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(f"vpit-heldout:{sample_id}".encode()).digest()[:8], "big")
-    return h < fraction * 2**64
+    return heldout_hash(sample_id) < heldout_threshold(fraction)
 
 
 def build_catalog(
@@ -80,7 +86,7 @@ def build_catalog(
     """The catalog of dataset `root` filtered to `kind`. Errors name `where` (e.g. sources.vqa.path).
 
     With `heldout` > 0 the samples whose id hashes below it are left out (split "train") or
-    are the only ones kept (split "heldout"); the ids come from the shard indexes.
+    are the only ones kept (split "heldout").
     """
     root = Path(root)
     manifest = load_manifest(root) if root.is_dir() else None
@@ -92,32 +98,33 @@ def build_catalog(
             f"{where}: {root} is only partly ingested ({len(manifest['shards'])} of "
             f"{manifest.get('shards_planned')} shards); re-run its vpit ingest command to finish it"
         )
-    counts, picks = [], {}
-    for i, shard in enumerate(manifest["shards"]):
-        n_kind = shard["samples"] if kind is None else shard["kinds"].get(kind, 0)
-        if heldout > 0 and n_kind > 0:
-            entries = _read_index(root, shard["name"])["samples"]
-            keep = [
-                p
-                for p, e in enumerate(entries)
-                if (kind is None or e["kind"] == kind) and is_heldout(e["id"], heldout) == (split == "heldout")
-            ]
-            if len(keep) < shard["samples"]:
-                picks[i] = np.array(keep, dtype=np.int64)
-            n_kind = len(keep)
-        elif 0 < n_kind < shard["samples"]:
-            entries = _read_index(root, shard["name"])["samples"]
-            picks[i] = np.array([p for p, e in enumerate(entries) if e["kind"] == kind], dtype=np.int64)
-        counts.append(n_kind)
-    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    shards = manifest["shards"]
+    counts = np.array([s["samples"] for s in shards], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    picks = None
+    mixed = kind is not None and any(0 < s["kinds"].get(kind, 0) < s["samples"] for s in shards)
+    if heldout > 0 or mixed:
+        columns = (("kind",) if mixed else ()) + (("id_hash",) if heldout > 0 else ())
+        arrays = load_catalog_arrays(root, shards, columns)
+        keep = np.ones(int(starts[-1]), dtype=bool)
+        if mixed:
+            keep &= np.asarray(arrays["kind"]) == KINDS.index(kind)
+        elif kind is not None:  # every shard holds one kind: the manifest decides
+            keep &= np.repeat([s["kinds"].get(kind, 0) > 0 for s in shards], counts)
+        if heldout > 0:
+            held = np.asarray(arrays["id_hash"]) < np.uint64(heldout_threshold(heldout))
+            keep &= held if split == "heldout" else ~held
+        picks = np.flatnonzero(keep).astype(np.int64)
+    elif kind is not None and any(s["kinds"].get(kind, 0) < s["samples"] for s in shards):
+        picks = np.flatnonzero(np.repeat([s["kinds"].get(kind, 0) > 0 for s in shards], counts)).astype(np.int64)
     split_key = [kind] if heldout <= 0 else [kind, heldout, split]  # unchanged hashes for specs without a split
     h = hashlib.sha256(
-        json.dumps([*split_key, [(s["name"], s["samples"], s["tar_sha256"]) for s in manifest["shards"]]]).encode()
+        json.dumps([*split_key, [(s["name"], s["samples"], s["tar_sha256"]) for s in shards]]).encode()
     ).hexdigest()[:16]
     return Catalog(
         root=root,
-        shard_names=tuple(s["name"] for s in manifest["shards"]),
-        offsets=offsets,
+        shard_names=tuple(s["name"] for s in shards),
+        shard_starts=starts,
         picks=picks,
         fingerprint=h,
         kinds=dict(manifest.get("kinds", {})),
@@ -127,45 +134,31 @@ def build_catalog(
 class RecordReader:
     """Thread-safe random reads of sample JSON records from one dataset's shards."""
 
-    def __init__(self, root: str | Path, shard_names: tuple[str, ...]):
+    def __init__(self, root: str | Path, shard_names: tuple[str, ...], open_shards: int = DEFAULT_OPEN_SHARDS):
         self.root = Path(root)
         self.names = shard_names
-        self._members: dict[int, list[tuple[int, int]]] = {}
-        self._ids: dict[int, list[str]] = {}
-        self._images: dict[int, list[int]] = {}
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self.files = OpenFiles(self._open, open_shards)
 
-    def _open(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                if shard not in self._fds:
-                    idx = _read_index(self.root, self.names[shard])
-                    self._members[shard] = [tuple(e["members"]["json"]) for e in idx["samples"]]
-                    self._ids[shard] = [e["id"] for e in idx["samples"]]
-                    self._images[shard] = [sum(k.startswith("img") for k in e["members"]) for e in idx["samples"]]
-                    self._fds[shard] = os.open(self.root / idx["tar"], os.O_RDONLY)
-                fd = self._fds[shard]
-        return fd
+    def _open(self, shard: int):
+        name = self.names[shard]
+        arrays = load_shard_arrays(self.root, name)
+        return open_tar(self.root / "shards" / f"{name}.tar", arrays.tar_bytes), arrays
 
     def record(self, shard: int, position: int) -> Record:
-        fd = self._open(shard)
-        offset, size = self._members[shard][position]
-        return json.loads(os.pread(fd, size, offset))
+        with self.files.use(shard) as (fd, arrays):
+            offset, size = arrays.json[position]
+            return json.loads(os.pread(fd, int(size), int(offset)))
 
     def sample_id(self, shard: int, position: int) -> str:
         """The sample's id from the index alone (no tar read)."""
-        self._open(shard)
-        return self._ids[shard][position]
+        with self.files.use(shard) as (_, arrays):
+            return arrays.sample_id(position)
 
     def cost(self, shard: int, position: int, m: int) -> int:
         """Estimated tokens of a sample from the index alone: JSON bytes / 4 + images x (m + 2)."""
-        self._open(shard)
-        return self._members[shard][position][1] // 4 + self._images[shard][position] * (m + 2)
+        with self.files.use(shard) as (_, arrays):
+            images = int(arrays.image_start[position + 1] - arrays.image_start[position])
+            return int(arrays.json[position, 1]) // 4 + images * (m + 2)
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self.files.close()

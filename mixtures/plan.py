@@ -1,10 +1,14 @@
 """The planner: spec + manifests -> exact per-source counts, feasibility, estimates, a hash.
 
-Pure apart from reading manifests (and a few sample records for the token estimates):
-nothing is written. Every infeasibility is collected and raised at once, each saying what
-to change. The plan hash covers what decides the sample sequence (seed, cache, each
-source's group, filter, data checksums and count), not where the data lives, so a run
-moved to another machine resumes with the same hash.
+Reads manifests, the datasets' `catalog/` arrays when a `kind:` filter or a held-out split
+needs them, and a few sample records for the token estimates. Every infeasibility is
+collected and raised at once, each saying what to change. The plan hash covers what decides
+the sample sequence (seed, cache, each source's group, filter, data checksums and count),
+not where the data lives, so a run moved to another machine resumes with the same hash.
+
+A plan is computed once per run: `save_plan` writes it to a folder (plan.json and one .npy
+of eligible samples per filtered source), and every rank and loader worker opens it with
+`load_plan`, memory-mapped, reading no manifest, catalog or shard index.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +28,7 @@ from vpit.mixtures.catalog import Catalog, RecordReader, build_catalog
 from vpit.mixtures.quota import apportion
 from vpit.mixtures.spec import MixtureSpec
 
-__all__ = ["PLAN_VERSION", "Plan", "SourcePlan", "make_plan", "text_chars"]
+__all__ = ["PLAN_VERSION", "Plan", "SourcePlan", "load_plan", "make_plan", "save_plan", "spec_key", "text_chars"]
 
 PLAN_VERSION = 1  # bump when the sampler's mapping from (plan, index) to sample changes
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English BPE tokenizers; estimates only
@@ -287,3 +294,76 @@ def make_plan(spec: MixtureSpec) -> Plan:
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Plan(spec=spec, sources=tuple(sources), groups=groups, m=m, dim=dim, hash=digest)
+
+
+def spec_key(spec: MixtureSpec) -> str:
+    """A hash of everything the spec says (a saved plan belongs to exactly one spec)."""
+    fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "origin"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_plan(plan: Plan, folder: str | Path) -> Path:
+    """Write `plan` to `folder` (replaced whole: written beside it, then renamed into place)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sources = []
+    for i, s in enumerate(plan.sources):
+        c = s.catalog
+        np.save(tmp / f"source-{i}.starts.npy", np.asarray(c.shard_starts, dtype=np.int64), allow_pickle=False)
+        if c.picks is not None:
+            np.save(tmp / f"source-{i}.picks.npy", np.asarray(c.picks, dtype=np.int64), allow_pickle=False)
+        sources.append(
+            {
+                **{k: getattr(s, k) for k in ("name", "group", "kind", "count", "text_tokens", "images")},
+                "root": str(c.root),
+                "shard_names": list(c.shard_names),
+                "fingerprint": c.fingerprint,
+                "kinds": c.kinds,
+                "picks": c.picks is not None,
+            }
+        )
+    meta = {
+        "plan_version": PLAN_VERSION,
+        "hash": plan.hash,
+        "spec": spec_key(plan.spec),
+        "groups": [list(g) for g in plan.groups],
+        "m": plan.m,
+        "dim": plan.dim,
+        "sources": sources,
+    }
+    (tmp / "plan.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_plan(folder: str | Path, spec: MixtureSpec) -> Plan:
+    """The plan `save_plan` wrote for `spec`, its arrays memory-mapped. Refuses another spec's plan."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{folder} holds no plan.json; write one with make_plan + save_plan") from None
+    if meta.get("plan_version") != PLAN_VERSION or meta.get("spec") != spec_key(spec):
+        raise ConfigError(f"{folder}: the saved plan was made for another spec or vpit version; plan again")
+    sources = []
+    for i, s in enumerate(meta["sources"]):
+        picks = np.load(folder / f"source-{i}.picks.npy", mmap_mode="r", allow_pickle=False) if s["picks"] else None
+        catalog = Catalog(
+            root=Path(s["root"]),
+            shard_names=tuple(s["shard_names"]),
+            shard_starts=np.load(folder / f"source-{i}.starts.npy", allow_pickle=False),
+            picks=picks,
+            fingerprint=s["fingerprint"],
+            kinds=s["kinds"],
+        )
+        sources.append(
+            SourcePlan(
+                **{k: s[k] for k in ("name", "group", "kind", "count", "text_tokens", "images")}, catalog=catalog
+            )
+        )
+    groups = tuple((g, int(c)) for g, c in meta["groups"])
+    return Plan(spec=spec, sources=tuple(sources), groups=groups, m=meta["m"], dim=meta["dim"], hash=meta["hash"])

@@ -10,9 +10,10 @@ or loader workers:
 - the resume state is the number of global samples consumed (whole batches) and the
   plan hash, so it restores onto any world size.
 
-Reads go through the shard index (`RecordReader`, one pread per record) and the token
-cache (an O(1) lookup); a small thread pool works a few batches ahead of the consumer, so
-file I/O overlaps training (pread and memmap copies release the GIL).
+Reads go through the shard's binary index (`RecordReader`, one pread per record) and the
+token cache (one pread per sample), each keeping a bounded number of shards open; a small
+thread pool works a few batches ahead of the consumer, so file I/O overlaps training (pread
+releases the GIL).
 """
 
 from __future__ import annotations
@@ -180,13 +181,17 @@ class MixtureStream(torch.utils.data.IterableDataset):
             for _, f in pending:
                 f.cancel()
             pool.shutdown(wait=True)
-            for r in readers:
+            for r in readers + (caches or []):
                 r.close()
 
     def _open_caches(self) -> list:
         from vpit.pipelines.token_cache import TokenCache
 
-        return [TokenCache(s.catalog.root, self.plan.spec.cache) for s in self.plan.sources]
+        # verified: the planner checked every shard of every cache once for the whole run
+        return [
+            TokenCache(s.catalog.root, self.plan.spec.cache, shard_names=s.catalog.shard_names, verified=True)
+            for s in self.plan.sources
+        ]
 
     def _load(self, k: int, readers: list[RecordReader], caches: list | None) -> list[StreamItem]:
         """This rank's items of global batch k, each with its micro step. Contiguous slices, or,

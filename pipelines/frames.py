@@ -44,14 +44,16 @@ def _open(path: Path, where: str):
 
 
 def count_frames(path: Path, where: str) -> int:
-    """Number of frames, by decoding (container metadata is often missing or wrong)."""
+    """Number of frames, from the video stream's packets (demuxed, not decoded: one packet per
+    frame, and far cheaper than decoding; container metadata is often missing or wrong). A file
+    whose tail does not decode can count more than `decode_frames` then finds."""
     if path.is_dir():
         return len(frame_files(path))
     container = _open(path, where)
     try:
-        return sum(1 for _ in container.decode(video=0))
+        return sum(1 for packet in container.demux(video=0) if packet.size)
     except Exception as e:
-        raise Rejected("unreadable_video", f"{where}: decoding failed: {type(e).__name__}: {e}") from None
+        raise Rejected("unreadable_video", f"{where}: reading failed: {type(e).__name__}: {e}") from None
     finally:
         container.close()
 

@@ -37,6 +37,10 @@ def main(argv: list[str]) -> int:
     kwargs = json.loads(argv[0])
     threading.Thread(target=_watch_parent, args=(int(argv[1]),), daemon=True).start()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+    if kwargs.get("distributor") == "ray":  # join the cluster vpit runs on (RAY_ADDRESS, set by the parent)
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     from img2dataset import download
 
     download(**kwargs)

@@ -7,6 +7,11 @@ input records), each shard is one task whose output depends on its input alone, 
 the manifest lists shards in shard order, so the result is the same for any number of
 workers. A shard is done once its index and its manifest entry exist; a re-run redoes
 every shard that is not done and skips the rest.
+
+While the job runs, a finished shard's manifest entry is one line appended to
+`manifest.journal.jsonl` (a constant cost per shard, where rewriting manifest.json would grow
+with every shard done); at the end the journal is compacted into manifest.json and removed.
+A torn last line (a kill mid-append) is not an entry: that shard is redone.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from vpit.common import cluster_cpus, init_ray, save_json_atomic
 from vpit.config import path_field
 from vpit.errors import ConfigError, VpitError
 from vpit.pipelines.sample import Rejected, Sample
+from vpit.pipelines.shard_index import load_catalog_arrays
 from vpit.pipelines.shards import FORMAT_VERSION, load_manifest, shard_name, write_shard
 from vpit.records import Manifest, QuarantineLine, ShardEntry
 
@@ -120,6 +126,9 @@ class Adapter:
         """The ingest config as recorded in the manifest."""
         return {"adapter": self.source_kind, **dataclasses.asdict(self.config)}
 
+    def shard_done(self, task: dict[str, Any]) -> None:
+        """Called on the driver once a shard's manifest entry is written (e.g. to free its input)."""
+
 
 def ingest_shard(adapter: Adapter, root: Path, shard: int, task: dict[str, Any]) -> ShardEntry:
     """Convert and write one shard; return its manifest entry. Pure function of its inputs."""
@@ -194,10 +203,28 @@ def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+JOURNAL = "manifest.journal.jsonl"
+
+
+def _journal_entries(root: Path) -> list[ShardEntry]:
+    """The entries appended since the last compaction; a line that does not parse whole (a kill
+    during the append) is skipped, so its shard counts as not done."""
+    path = root / JOURNAL
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            entries.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return [e for e in entries if isinstance(e, dict) and "shard" in e]
+
+
 def _done_shards(root: Path, manifest: Manifest | None) -> dict[int, ShardEntry]:
-    """Shards with a manifest entry and an index whose tar is whole on disk."""
+    """Shards with a manifest (or journal) entry and an index whose tar is whole on disk."""
     done = {}
-    for entry in (manifest or {}).get("shards", []):
+    for entry in [*(manifest or {}).get("shards", []), *_journal_entries(root)]:
         idx_path = root / "shards" / f"{entry['name']}.idx.json"
         tar_path = root / "shards" / f"{entry['name']}.tar"
         if idx_path.exists() and tar_path.exists() and tar_path.stat().st_size == entry["tar_bytes"]:
@@ -206,6 +233,7 @@ def _done_shards(root: Path, manifest: Manifest | None) -> dict[int, ShardEntry]
 
 
 def _write_manifest(root: Path, config: dict[str, Any], n_shards: int, done: dict[int, ShardEntry]) -> Manifest:
+    """Compact: every done shard into manifest.json (atomically), then the journal goes."""
     shards = [done[i] for i in sorted(done)]
     kinds: Counter = Counter()
     quarantined: Counter = Counter()
@@ -224,8 +252,23 @@ def _write_manifest(root: Path, config: dict[str, Any], n_shards: int, done: dic
         "quarantined": dict(sorted(quarantined.items())),
         "shards": shards,
     }
-    save_json_atomic(root / "manifest.json", manifest)
+    save_json_atomic(root / "manifest.json", manifest, indent=None)
+    (root / JOURNAL).unlink(missing_ok=True)
     return manifest
+
+
+class _Journal:
+    """Appends finished shards' entries, one JSON line each, flushed as they come."""
+
+    def __init__(self, root: Path):
+        self.file = open(root / JOURNAL, "ab")  # noqa: SIM115 - open for the whole job
+
+    def append(self, entry: ShardEntry) -> None:
+        self.file.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _rebuild_quarantine(root: Path, n_shards: int) -> None:
@@ -279,13 +322,21 @@ def run_ingest(
             work, compute=ray.data.TaskPoolStrategy(size=min(len(items), workers or cluster_cpus())), num_cpus=1
         )
         bar = tqdm(total=len(todo), desc=f"ingest {adapter.source_kind}", unit="shard", disable=not progress)
-        for row in ds.iter_rows():
-            entry = json.loads(row["entry"])
-            done[entry["shard"]] = entry
-            manifest = _write_manifest(root, config, len(tasks), done)  # the entry that marks it done
-            bar.update(1)
-        bar.close()
+        journal = _Journal(root)
+        try:
+            for row in ds.iter_rows():
+                entry = json.loads(row["entry"])
+                journal.append(entry)  # the entry that marks it done
+                done[entry["shard"]] = entry
+                adapter.shard_done(tasks[entry["shard"]])
+                bar.update(1)
+        finally:
+            journal.close()
+            bar.close()
+        manifest = _write_manifest(root, config, len(tasks), done)
     _rebuild_quarantine(root, len(tasks))
+    if manifest["complete"]:  # the planner's per-sample columns, built once
+        load_catalog_arrays(root, manifest["shards"], (), write=True)
     return IngestReport(
         output=root,
         shards_total=len(tasks),

@@ -26,7 +26,7 @@ def hf_features(root: str | Path, max_records: int = 2000):
     ds = Dataset(root)
     fields: set[str] = set()
     for i in range(len(ds.shards)):
-        for entry in ds.reader(i).index["samples"]:
+        for entry in ds.reader(i).json_index()["samples"]:
             fields.update(entry["members"])
     # Records spread evenly over the dataset, so a field that only some sources write is seen.
     total = len(ds)

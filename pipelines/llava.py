@@ -17,6 +17,7 @@ from typing import Any
 from vpit.config import path_field
 from vpit.pipelines.ingest import Adapter, IngestError, RawRecord, check_adapter_config, file_sha256
 from vpit.pipelines.sample import Rejected, Sample, image_entry, split_placeholders
+from vpit.pipelines.tabular import plan_rows, read_rows
 
 __all__ = ["LlavaConfig", "LlavaAdapter", "ROLE_MAP", "read_image_under_root"]
 
@@ -54,7 +55,7 @@ def read_image_under_root(root: Path, rel: Any, field: str) -> bytes:
 
 
 class LlavaAdapter(Adapter):
-    """Adapter for LLaVA-format JSON/JSONL. JSONL shards are byte ranges of the file."""
+    """Adapter for LLaVA-format JSON lists and JSONL: shards are byte ranges of the file (`tabular`)."""
 
     source_kind = "llava"
 
@@ -70,68 +71,12 @@ class LlavaAdapter(Adapter):
     def input_fingerprint(self) -> str:
         return file_sha256(self.input)
 
-    def _is_json_list(self) -> bool:
-        with open(self.input, "rb") as f:
-            head = f.read(4096).lstrip()
-        return head.startswith(b"[")
-
     def plan(self) -> list[dict[str, Any]]:
-        n = self.config.shard_size
-        if self._is_json_list():
-            records = self._load_json_list()
-            return [
-                {
-                    "records": [i, min(i + n, len(records))],
-                    "inline": [json.dumps(r, ensure_ascii=False) for r in records[i : i + n]],
-                }
-                for i in range(0, len(records), n)
-            ]
-        # JSONL: find the byte offset of every n-th line start in one streaming pass.
-        tasks, starts, line, pos = [], [0], 0, 0
-        with open(self.input, "rb") as f:
-            for raw in f:
-                line += 1
-                pos += len(raw)
-                if line % n == 0:
-                    starts.append(pos)
-        if starts[-1] != pos or line == 0:
-            starts.append(pos)
-        for i in range(len(starts) - 1):
-            first = i * n
-            tasks.append({"records": [first, min(first + n, line)], "bytes": [starts[i], starts[i + 1]]})
-        return [t for t in tasks if t["records"][1] > t["records"][0]]
-
-    def _load_json_list(self) -> list[Any]:
-        # A JSON list is one document: if it does not parse, no record can be trusted, so this
-        # is a user error rather than a quarantine entry.
-        data = self.input.read_bytes()
-        try:
-            records = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise IngestError(
-                f"{self.input}: not UTF-8 at byte {e.start}; a JSON list must be valid as a whole"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise IngestError(f"{self.input}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not isinstance(records, list):
-            raise IngestError(f"{self.input}: expected a JSON list of records, got {type(records).__name__}")
-        return records
+        return plan_rows(self.input, self.config.shard_size)
 
     def read(self, task: dict[str, Any]) -> Iterator[RawRecord]:
-        first = task["records"][0]
-        uri = self.input.name
-        if "inline" in task:
-            for j, text in enumerate(task["inline"]):
-                yield RawRecord(first + j, {"uri": uri, "record": first + j}, text.encode("utf-8"))
-            return
-        start, end = task["bytes"]
-        with open(self.input, "rb") as f:
-            f.seek(start)
-            lines = f.read(end - start).split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        for j, raw in enumerate(lines):
-            yield RawRecord(first + j, {"uri": uri, "line": first + j + 1}, raw)
+        for index, origin, raw in read_rows(self.input, task):
+            yield RawRecord(index, origin, raw)
 
     def convert(self, rec: RawRecord) -> Sample | None:
         record = _parse(rec.raw)

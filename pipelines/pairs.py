@@ -1,8 +1,11 @@
 """Image-text pairs (MetaCLIP-style URL lists) -> generation samples, downloaded with img2dataset.
 
 Two steps. `download` runs img2dataset (webdataset output, its own parquet and stats kept) in a
-subprocess with a main guard and a time limit (see `vpit.pipelines.img2dataset_job`); img2dataset's
-incremental mode makes a killed download resume at the first unfinished shard. `PairsAdapter`
+subprocess with a main guard (see `vpit.pipelines.img2dataset_job`): one download process per
+CPU by default, or img2dataset's Ray distributor across a cluster when vpit runs on one;
+img2dataset's incremental mode makes a stopped download resume at its unfinished shards (no
+time limit unless asked for). Each img2dataset tar is deleted once its shard is converted and
+recorded, so the download never doubles the disk (`--keep-download` keeps them). `PairsAdapter`
 then turns each img2dataset shard into one of our shards: rows sorted by key (img2dataset
 writes in completion order), failed downloads quarantined with img2dataset's own error
 message, each pair rendered as user "Generate an image of {caption}" (a seeded template
@@ -25,9 +28,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from vpit.common import subprocess_env
+from vpit.common import cluster_cpus, init_ray, ray_gcs_address, subprocess_env
 from vpit.config import path_field
 from vpit.errors import ConfigError
 from vpit.pipelines.ingest import (
@@ -49,7 +52,7 @@ OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dat
 _DISALLOWED_MSG = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's message for opt-outs
 _IMAGE_EXTS = ("jpg", "png", "webp")
 # Fields that change how the job runs but not what it produces: a resume may change them.
-_OPERATIONAL = ("download_dir", "processes", "threads", "job_timeout_s")
+_OPERATIONAL = ("download_dir", "processes", "threads", "job_timeout_s", "distributor", "keep_download")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -76,25 +79,35 @@ class PairsConfig:
     """Seed of the per-sample template choice."""
     max_pixels: int = 64 * 1024 * 1024
     """Images with more pixels are quarantined (decompression-bomb guard)."""
-    processes: int = 1
-    """img2dataset download processes."""
+    processes: int | None = None
+    """img2dataset download processes; default: this machine's CPUs (with the Ray distributor: the cluster's)."""
     threads: int = 32
     """img2dataset download threads per process."""
     url_timeout_s: int = 10
     """Per-URL download timeout."""
     retries: int = 0
     """Download retries per URL."""
-    job_timeout_s: float = 3600.0
-    """The whole img2dataset run is killed after this long (a re-run resumes at the unfinished shards)."""
+    job_timeout_s: float | None = None
+    """Stop img2dataset after this long (a re-run resumes at the unfinished shards); default: no limit."""
+    distributor: Literal["auto", "multiprocessing", "ray"] = "auto"
+    """img2dataset's distributor: auto = ray when vpit runs on a Ray cluster (--ray-address or
+    RAY_ADDRESS; the download folder must be shared), else multiprocessing on this machine."""
+    keep_download: bool = False
+    """Keep img2dataset's tars after their shards are converted (by default each is deleted once
+    its shard is recorded, so the download never needs twice the disk)."""
 
     def __post_init__(self):
-        for name in ("shard_size", "processes", "threads", "url_timeout_s", "max_pixels"):
+        for name in ("shard_size", "threads", "url_timeout_s", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.processes is not None and self.processes < 1:
+            raise ConfigError(f"processes: expected an integer >= 1, got {self.processes}")
+        if self.distributor not in ("auto", "multiprocessing", "ray"):
+            raise ConfigError(f"distributor: expected auto, multiprocessing or ray, got {self.distributor!r}")
         for name in ("image_size", "retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
-        if self.job_timeout_s <= 0:
+        if self.job_timeout_s is not None and self.job_timeout_s <= 0:
             raise ConfigError(f"job_timeout_s: expected a positive number of seconds, got {self.job_timeout_s}")
         check_adapter_config(self)
         if not self.url_col or not self.caption_col:
@@ -144,7 +157,17 @@ def download_stats(folder: Path) -> dict[str, Any]:
     }
 
 
-def download(cfg: PairsConfig, folder: Path, progress: bool = True) -> dict[str, Any]:
+def _distributor(cfg: PairsConfig, ray_address: str | None) -> tuple[str, int]:
+    """(img2dataset distributor, processes): Ray across the cluster vpit runs on, else local processes."""
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    use_ray = cfg.distributor == "ray" or (cfg.distributor == "auto" and bool(address))
+    if not use_ray:
+        return "multiprocessing", cfg.processes or cluster_cpus()
+    init_ray(address)
+    return "ray", cfg.processes or cluster_cpus()
+
+
+def download(cfg: PairsConfig, folder: Path, progress: bool = True, ray_address: str | None = None) -> dict[str, Any]:
     """Download the URL list into `folder` with img2dataset, resuming a partial run; return its stats."""
     from tqdm import tqdm
 
@@ -152,6 +175,7 @@ def download(cfg: PairsConfig, folder: Path, progress: bool = True) -> dict[str,
     expected = math.ceil(rows / cfg.shard_size)
     folder.mkdir(parents=True, exist_ok=True)
     if len(_stats_files(folder)) < expected:
+        distributor, processes = _distributor(cfg, ray_address)
         kwargs = dict(
             url_list=str(Path(cfg.input).resolve()),
             output_folder=str(folder.resolve()),
@@ -160,7 +184,8 @@ def download(cfg: PairsConfig, folder: Path, progress: bool = True) -> dict[str,
             url_col=cfg.url_col,
             caption_col=cfg.caption_col,
             number_sample_per_shard=cfg.shard_size,
-            processes_count=cfg.processes,
+            distributor=distributor,
+            processes_count=processes,
             thread_count=cfg.threads,
             timeout=cfg.url_timeout_s,
             retries=cfg.retries,
@@ -177,7 +202,8 @@ def download(cfg: PairsConfig, folder: Path, progress: bool = True) -> dict[str,
             )
         else:  # keep bytes as served: our own decode check then sees truncated or non-image bodies
             kwargs.update(disable_all_reencoding=True, resize_mode="no")
-        _run_job(kwargs, folder, expected, cfg.job_timeout_s, progress and tqdm)
+        address = ray_address or os.environ.get("RAY_ADDRESS") if distributor == "ray" else None
+        _run_job(kwargs, folder, expected, cfg.job_timeout_s, progress and tqdm, address)
     done = len(_stats_files(folder))
     if done < expected:
         raise IngestError(
@@ -187,8 +213,12 @@ def download(cfg: PairsConfig, folder: Path, progress: bool = True) -> dict[str,
     return download_stats(folder)
 
 
-def _run_job(kwargs: dict[str, Any], folder: Path, expected: int, timeout_s: float, tqdm) -> None:
+def _run_job(
+    kwargs: dict[str, Any], folder: Path, expected: int, timeout_s: float | None, tqdm, ray_address: str | None
+) -> None:
     env = subprocess_env()
+    if kwargs["distributor"] == "ray":  # the job joins the cluster this vpit runs on
+        env["RAY_ADDRESS"] = ray_address or ray_gcs_address()
     cmd = [sys.executable, "-m", "vpit.pipelines.img2dataset_job", json.dumps(kwargs), str(os.getpid())]
     log_path = folder / "img2dataset.log"
     bar = (
@@ -199,7 +229,7 @@ def _run_job(kwargs: dict[str, Any], folder: Path, expected: int, timeout_s: flo
     with open(log_path, "ab") as log:
         # Own session: on timeout or Ctrl-C the whole tree (pool, logger process) is killed at once.
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
@@ -229,9 +259,10 @@ class PairsAdapter(Adapter):
 
     source_kind = "pairs"
 
-    def __init__(self, config: PairsConfig, folder: Path):
+    def __init__(self, config: PairsConfig, folder: Path, owns_download: bool = False):
         self.config = config
         self.folder = Path(folder)
+        self.owns_download = owns_download  # vpit downloaded it: its tars may go once converted
         self.templates = load_templates(config.templates)
         if not self.folder.is_dir():
             raise IngestError(f"{self.folder} is not a folder")
@@ -241,11 +272,6 @@ class PairsAdapter(Adapter):
         if not names:
             raise IngestError(f"{self.folder} holds no img2dataset shards (NNNNN.parquet + NNNNN.tar)")
         for name in names:
-            if not (self.folder / f"{name}.tar").is_file():
-                raise IngestError(
-                    f"{self.folder}/{name}.parquet has no {name}.tar: ingest needs img2dataset's "
-                    "webdataset output (output_format=webdataset)"
-                )
             if not (self.folder / f"{name}_stats.json").is_file():
                 raise IngestError(
                     f"{self.folder}: shard {name} has no {name}_stats.json, so img2dataset did not "
@@ -263,6 +289,12 @@ class PairsAdapter(Adapter):
                 f"{(self.folder / f'{name}.tar').stat().st_size}".encode()
             )
         return h.hexdigest()
+
+    def shard_done(self, task: dict[str, Any]) -> None:
+        """Free the disk of a converted shard's img2dataset tar (its parquet and stats stay: they
+        are small, and img2dataset's resume and our attrition report read them)."""
+        if self.owns_download and not self.config.keep_download:
+            (self.folder / f"{task['shard']}.tar").unlink(missing_ok=True)
 
     def describe(self) -> dict[str, Any]:
         fields = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _OPERATIONAL}
@@ -283,6 +315,12 @@ class PairsAdapter(Adapter):
         import pyarrow.parquet as pq
 
         name = task["shard"]
+        if not (self.folder / f"{name}.tar").is_file():
+            raise IngestError(
+                f"{self.folder}/{name}.parquet has no {name}.tar: ingest needs img2dataset's webdataset output "
+                "(output_format=webdataset); if vpit deleted it after converting, the shard is recorded and "
+                "needs no redo, so the dataset itself changed: delete the img2dataset folder and re-run"
+            )
         rows = sorted(pq.read_table(self.folder / f"{name}.parquet").to_pylist(), key=lambda r: r["key"])
         images: dict[str, bytes] = {}
         with tarfile.open(self.folder / f"{name}.tar") as tar:
@@ -346,14 +384,15 @@ def ingest_pairs(
     """Download (when the input is a URL list) and ingest; return the ingest report and img2dataset's stats."""
     src = Path(config.input)
     if src.is_dir():
-        folder = src
+        folder, owns = src, False
     elif src.is_file():
         folder = Path(config.download_dir) if config.download_dir else Path(output) / "img2dataset"
         config = dataclasses.replace(config, download_dir=str(folder))
-        download(config, folder, progress=progress)
+        download(config, folder, progress=progress, ray_address=ray_address)
+        owns = True
     else:
         raise IngestError(f"input: {config.input!r} does not exist")
     report = run_ingest(
-        PairsAdapter(config, folder), output, workers=workers, ray_address=ray_address, progress=progress
+        PairsAdapter(config, folder, owns), output, workers=workers, ray_address=ray_address, progress=progress
     )
     return report, download_stats(folder)

@@ -1,22 +1,26 @@
 """The precompute job: every image of a dataset -> its m visual tokens, once, as a Ray Data job.
 
-The work is cut into chunks before anything runs: chunk = up to `batch_size` consecutive
-image rows of one shard. A CPU task decodes and preprocesses a chunk; an actor pool (one
-encoder per actor, `num_gpus=1` each when the cluster has GPUs) runs the whole chunk as one
-forward and writes its rows straight into the shard's preallocated .npy, at rows fixed by
-the plan. Each image's numbers therefore depend only on its chunk, never on the number of
-actors or on scheduling; actors pin torch to a fixed thread count for the same reason.
-The driver only counts rows; once a shard's rows are all in, it writes the shard's marker
-(last). A re-run skips shards whose marker matches the shard's tar_sha256 and redoes the
-rest from scratch, so a killed job resumes with no duplicate and no loss.
+One Ray item per shard. A CPU task reads the shard's binary index (image members in record
+order: the driver reads no record), resets the shard's cache files, decodes and resizes its
+images and yields them in fixed chunks of `batch_size` consecutive rows, as uint8 pixels (a
+quarter of float32). An actor pool (one encoder per actor, `num_gpus=1` each when the cluster
+has GPUs) normalises a chunk on its device, runs it as one forward and writes its rows into
+the shard's .npy at rows fixed by the shard. Each image's numbers therefore depend only on
+its chunk, never on the number of actors or on scheduling; actors pin torch to a fixed
+thread count for the same reason. The driver only counts rows; once a shard's rows are all
+in, it writes the shard's marker (last). A re-run skips shards whose marker matches the
+shard's tar_sha256 and redoes the rest, so a killed job resumes with no duplicate and no loss.
+
+The forward runs in bf16 on GPUs by default (`compute_dtype: auto`), fp32 on CPUs; the
+resolved dtype is part of the fingerprint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,8 @@ import numpy as np
 
 from vpit.common import init_ray, save_json_atomic
 from vpit.errors import ConfigError
-from vpit.model.encoder import EncoderConfig, VisionEncoder, decode_image, load_encoder, preprocess_images
+from vpit.model.encoder import EncoderConfig, decode_image, load_encoder, resize_images
+from vpit.pipelines.shard_index import load_shard_arrays
 from vpit.pipelines.shards import Dataset
 from vpit.pipelines.token_cache import (
     STORAGE_NUMPY,
@@ -32,6 +37,7 @@ from vpit.pipelines.token_cache import (
     check_cache,
     marker_path,
     offsets_path,
+    stored_shape,
     to_storage,
     tokens_path,
 )
@@ -103,49 +109,81 @@ class PrecomputeReport:
         return "\n".join(lines)
 
 
-def plan_shard(root: Path, name: str) -> tuple[np.ndarray, list[list[int]]]:
-    """A shard's row offsets (samples + 1) and the [offset, size] of every image in row order.
-
-    Row order is sample order, then record["images"] order; the records are read from the
-    tar through the index (one small read each), since the index alone does not fix the order.
-    """
-    index = json.loads((root / "shards" / f"{name}.idx.json").read_text(encoding="utf-8"))
-    offsets = [0]
-    spans: list[list[int]] = []
-    with open(root / index["tar"], "rb") as tar:
-        for entry in index["samples"]:
-            members = entry["members"]
-            tar.seek(members["json"][0])
-            record = json.loads(tar.read(members["json"][1]))
-            spans += [members[img["member"]] for img in record["images"]]
-            offsets.append(len(spans))
-    return np.asarray(offsets, dtype=np.int64), spans
+def plan_shard(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's row offsets (samples + 1) and the [offset, size] of every image in row order
+    (sample order, then record["images"] order), from its binary index alone."""
+    arrays = load_shard_arrays(root, name)
+    return arrays.image_start, arrays.images
 
 
-def _decoder(processor):
-    """The Ray Data task UDF: a chunk's image bytes -> pixel values with the encoder's own processor.
+def _data_offset(fd: int) -> int:
+    with os.fdopen(os.dup(fd), "rb") as f:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        read(f)
+        return f.tell()
+
+
+def _prepare(root: Path, cdir: Path, name: str, m: int, dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Make one shard's cache files ready for its rows: the marker goes first (the shard now reads
+    as partial), the offsets are written, the token file is (re)created unless it already has
+    the right shape (a resumed or retried task rewrites every row anyway)."""
+    marker_path(cdir, name).unlink(missing_ok=True)
+    offsets, spans = plan_shard(root, name)
+    tmp = offsets_path(cdir, name).with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, offsets, allow_pickle=False)
+    tmp.replace(offsets_path(cdir, name))
+    shape, stored = stored_shape(len(spans), m, dim, dtype), STORAGE_NUMPY[dtype]
+    path = tokens_path(cdir, name)
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r") if len(spans) else None
+        ok = arr is not None and arr.shape == shape and arr.dtype == stored
+    except (FileNotFoundError, ValueError):
+        ok = False
+    if not ok:
+        if len(spans):  # sparse: the rows are filled by the actors
+            np.lib.format.open_memmap(str(path), mode="w+", dtype=stored, shape=shape).flush()
+        else:
+            np.save(path, np.zeros(shape, stored), allow_pickle=False)
+    return offsets, spans
+
+
+def _decoder(processor, m: int, dim: int, dtype: str, batch_size: int):
+    """The Ray Data task UDF: one shard -> its images as uint8 pixel chunks of `batch_size` rows.
     Only the processor travels to the tasks (in memory, with the function), never the weights."""
 
-    def decode_chunk(row: dict[str, Any]) -> dict[str, Any]:
-        images = []
-        with open(row["tar"], "rb") as f:
-            for offset, size in json.loads(row["spans"]):
-                f.seek(offset)
-                images.append(decode_image(f.read(size)))
-        return {
-            "path": row["path"],
-            "shard": row["shard"],
-            "row0": row["row0"],
-            "pixels": preprocess_images(processor, images),
-        }
+    def decode_shard(batch: dict[str, np.ndarray]):
+        for root, cdir, name in zip(batch["root"], batch["cdir"], batch["shard"], strict=True):
+            root, cdir, name = Path(str(root)), Path(str(cdir)), str(name)
+            offsets, spans = _prepare(root, cdir, name, m, dim, dtype)
+            base = {"shard": [name], "samples": [len(offsets) - 1], "total": [len(spans)]}
+            if not len(spans):
+                yield {**base, "row0": [0], "n": [0], "shape": [json.dumps([0])], "pixels": [b""]}
+                continue
+            fd = os.open(root / "shards" / f"{name}.tar", os.O_RDONLY)
+            try:
+                for r0 in range(0, len(spans), batch_size):
+                    images = [
+                        decode_image(os.pread(fd, int(size), int(off))) for off, size in spans[r0 : r0 + batch_size]
+                    ]
+                    pixels = resize_images(processor, images)
+                    yield {
+                        **base,
+                        "row0": [r0],
+                        "n": [len(images)],
+                        "shape": [json.dumps(list(pixels.shape))],
+                        "pixels": [pixels.tobytes()],
+                    }
+            finally:
+                os.close(fd)
 
-    return decode_chunk
+    return decode_shard
 
 
 class _EncoderActor:
-    """One encoder per actor: a chunk's pixels -> tokens, written into the shard's .npy rows."""
+    """One encoder per actor: a chunk's uint8 pixels -> tokens, written into the shard's .npy rows."""
 
-    def __init__(self, config: dict[str, Any], fingerprint: str, threads: int):
+    def __init__(self, config: dict[str, Any], fingerprint: str, threads: int, cdir: str):
         import torch
 
         torch.set_num_threads(threads)
@@ -157,17 +195,23 @@ class _EncoderActor:
         if torch.cuda.is_available():
             self.encoder.to("cuda")
         self.dtype = config["dtype"]
+        self.cdir = Path(cdir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n_rows = []
-        for path, row0, pixels in zip(batch["path"], batch["row0"], batch["pixels"], strict=True):
-            tokens = to_storage(self.encoder.encode_pixels(np.asarray(pixels)), self.dtype)
-            out = np.lib.format.open_memmap(str(path), mode="r+")
-            out[int(row0) : int(row0) + len(tokens)] = tokens
-            out.flush()
-            del out
-            n_rows.append(len(tokens))
-        return {"shard": batch["shard"], "rows": np.asarray(n_rows, dtype=np.int64)}
+        for name, row0, n, shape, pixels in zip(
+            batch["shard"], batch["row0"], batch["n"], batch["shape"], batch["pixels"], strict=True
+        ):
+            if not n:
+                continue
+            pixels = np.frombuffer(pixels, dtype=np.uint8).reshape(json.loads(shape))
+            tokens = to_storage(self.encoder.encode_uint8(pixels), self.dtype)
+            fd = os.open(tokens_path(self.cdir, str(name)), os.O_RDWR)
+            try:
+                row_bytes = tokens[0].nbytes
+                os.pwrite(fd, tokens.tobytes(), _data_offset(fd) + int(row0) * row_bytes)
+            finally:
+                os.close(fd)
+        return {k: batch[k] for k in ("shard", "row0", "n", "samples", "total")}
 
 
 def _write_marker(cdir: Path, name: str, entry: dict[str, Any], rows: int, samples: int) -> None:
@@ -181,23 +225,6 @@ def _write_marker(cdir: Path, name: str, entry: dict[str, Any], rows: int, sampl
             "bytes": tokens_path(cdir, name).stat().st_size,
         },
     )
-
-
-def _prepare(root: Path, cdir: Path, encoder: VisionEncoder, entry: dict[str, Any]) -> tuple[int, list[list[int]]]:
-    """Reset one shard's cache files: offsets, a zero-filled token array; the marker goes first."""
-    name = entry["name"]
-    marker_path(cdir, name).unlink(missing_ok=True)  # from now on the shard reads as partial
-    offsets, spans = plan_shard(root, name)
-    tmp = offsets_path(cdir, name).with_suffix(".tmp.npy")
-    np.save(tmp, offsets, allow_pickle=False)
-    tmp.replace(offsets_path(cdir, name))
-    shape = (len(spans), encoder.m, encoder.dim)
-    dtype = STORAGE_NUMPY[encoder.config.dtype]
-    if spans:
-        np.lib.format.open_memmap(str(tokens_path(cdir, name)), mode="w+", dtype=dtype, shape=shape).flush()
-    else:
-        np.save(tokens_path(cdir, name), np.zeros(shape, dtype), allow_pickle=False)
-    return len(offsets) - 1, spans
 
 
 def run_precompute(
@@ -218,6 +245,13 @@ def run_precompute(
     ds = Dataset(dataset)
     if not ds.manifest.get("complete", False):
         raise CacheError(f"{ds.root} is not completely ingested; finish `vpit ingest` (re-run it) first")
+    gpus = 0
+    if encoder_config.compute_dtype == "auto":  # bf16 where the actors get GPUs: ask the cluster
+        import ray
+
+        init_ray(ray_address)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+    encoder_config = encoder_config.resolved(gpus=gpus > 0)
     encoder = load_encoder(encoder_config)
     fp = encoder.fingerprint()
     cdir = cache_dir(ds.root, fp)
@@ -233,27 +267,11 @@ def run_precompute(
     save_json_atomic(cdir / "fingerprint.json", info)  # first, so a partial cache can name its fix
     states = check_cache(ds.root, fp)
     entries = {s["name"]: s for s in ds.shards}
-    todo = [s for s in ds.shards if s["name"] not in states["ok"]]
-    chunks, expected, samples = [], {}, {}
-    for entry in todo:
-        name = entry["name"]
-        samples[name], spans = _prepare(ds.root, cdir, encoder, entry)
-        expected[name] = len(spans)
-        if not spans:
-            _write_marker(cdir, name, entry, 0, samples[name])
-        for r0 in range(0, len(spans), config.batch_size):
-            chunks.append(
-                {
-                    "shard": name,
-                    "path": str(tokens_path(cdir, name)),
-                    "tar": str(ds.root / "shards" / f"{name}.tar"),
-                    "row0": r0,
-                    "spans": json.dumps(spans[r0 : r0 + config.batch_size]),
-                }
-            )
-    images = sum(expected.values())
+    todo = [s["name"] for s in ds.shards if s["name"] not in states["ok"]]
+    images = 0
     encode_start = time.perf_counter()
-    if chunks:
+    first: tuple[float, int] | None = None  # (time, images) when the first chunk came back
+    if todo:
         import ray
 
         init_ray(ray_address)
@@ -261,35 +279,50 @@ def run_precompute(
         gpus = int(ray.cluster_resources().get("GPU", 0))
         actors = config.actors or max(1, gpus)
         cfg = dataclasses.asdict(encoder_config)
-        pipe = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+        items = [{"root": str(ds.root), "cdir": str(cdir), "shard": name} for name in todo]
+        pipe = ray.data.from_items(items, override_num_blocks=len(items))
         # A decode worker holds torch + transformers (~0.4 GiB measured) and a chunk's pixels.
         # Declaring that memory also keeps Ray Data from fusing decoding into the encoder actor
         # (it fuses only ops with equal resource requests), so decoding overlaps the forward.
         side = encoder.model.config.image_size
-        decode_memory = (512 << 20) + 3 * config.batch_size * 3 * side * side * 4
-        pipe = pipe.map(_decoder(encoder.processor), num_cpus=config.decode_cpus, memory=decode_memory)
+        decode_memory = (512 << 20) + 3 * config.batch_size * 3 * side * side
+        decode = _decoder(encoder.processor, encoder.m, encoder.dim, encoder_config.dtype, config.batch_size)
+        pipe = pipe.map_batches(decode, batch_size=1, num_cpus=config.decode_cpus, memory=decode_memory)
         pipe = pipe.map_batches(
             _EncoderActor,
             batch_size=1,
             num_cpus=config.actor_cpus,
             num_gpus=1 if gpus else 0,
             compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs={"config": cfg, "fingerprint": fp, "threads": max(1, round(config.actor_cpus))},
+            fn_constructor_kwargs={
+                "config": cfg,
+                "fingerprint": fp,
+                "threads": max(1, round(config.actor_cpus)),
+                "cdir": str(cdir),
+            },
         )
-        got: Counter = Counter()
-        first: tuple[float, int] | None = None  # (time, images) when the first chunk came back
-        bar = tqdm(total=images, desc=f"precompute {fp}", unit="img", disable=not progress)
+        got: dict[str, dict[int, int]] = {}  # shard -> {row0: rows}: a retried chunk counts once
+        bar = tqdm(total=len(todo), desc=f"precompute {fp}", unit="shard", disable=not progress)
         for row in pipe.iter_rows():
-            name = str(row["shard"])
-            got[name] += int(row["rows"])
-            bar.update(int(row["rows"]))
-            first = first or (time.perf_counter(), int(row["rows"]))
-            if got[name] == expected[name]:
-                _write_marker(cdir, name, entries[name], expected[name], samples[name])
+            name, n, total = str(row["shard"]), int(row["n"]), int(row["total"])
+            chunks = got.setdefault(name, {})
+            if int(row["row0"]) in chunks:
+                continue
+            chunks[int(row["row0"])] = n
+            images += n
+            first = first or (time.perf_counter(), n)
+            if sum(chunks.values()) == total:
+                _write_marker(cdir, name, entries[name], total, int(row["samples"]))
+                bar.update(1)
         bar.close()
+        unfinished = [n for n in todo if not marker_path(cdir, n).exists()]
+        if unfinished:
+            raise CacheError(
+                f"precompute left {len(unfinished)} shards unfinished ({', '.join(unfinished[:5])}); re-run it"
+            )
     encode_seconds = time.perf_counter() - encode_start
     steady = 0.0
-    if chunks and images > first[1]:
+    if first and images > first[1]:
         steady = (images - first[1]) / max(time.perf_counter() - first[0], 1e-9)
     cache_bytes = sum(p.stat().st_size for p in cdir.iterdir() if p.is_file())
     return PrecomputeReport(

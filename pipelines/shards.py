@@ -3,10 +3,13 @@
 Layout of a dataset folder:
 
     manifest.json                 shards in shard order, counts per kind, checksums, config
+    manifest.journal.jsonl        during an ingest: one line per finished shard (compacted at the end)
     quarantine.jsonl              every rejected raw record (rebuilt from the parts below)
     shards/shard-000000.tar       plain WebDataset tar: KEY.json, KEY.img0.jpg, ...
+    shards/shard-000000.idx.npz   the same offsets as compact arrays (what loaders read)
     shards/shard-000000.idx.json  offset and size of every member, written last
     quarantine/shard-000000.jsonl this shard's rejections
+    catalog/*.npy                 per-sample kind and held-out hash of the whole dataset (planning)
 
 Tars are written with fixed metadata (mtime 0, uid 0, mode 0644) so the same samples
 always give the same bytes, whatever machine or worker wrote them.
@@ -19,13 +22,15 @@ import io
 import json
 import os
 import tarfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vpit.common import save_json_atomic
 from vpit.errors import InputError
+from vpit.pipelines.open_files import DEFAULT_OPEN_SHARDS
 from vpit.pipelines.sample import Sample
+from vpit.pipelines.shard_index import index_arrays, load_shard_arrays, write_index_arrays
 from vpit.records import Manifest, QuarantineLine, ShardEntry, ShardIndex
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "Dataset",
     "ShardReader",
     "load_manifest",
+    "open_tar",
     "shard_name",
     "write_shard",
 ]
@@ -66,7 +72,7 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
     name = shard_name(index)
     tar_path = shard_dir / f"{name}.tar"
     tmp_path = shard_dir / f"{name}.tar.tmp"
-    entries = []
+    entries, image_sha = [], []
     with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, sample in samples:
             record = dict(sample.record, key=key)
@@ -74,6 +80,7 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
             for entry, data in zip(record["images"], sample.images, strict=True):
                 _add_member(tar, f"{key}.{entry['member']}", data)
             entries.append({"key": key, "id": record["id"], "kind": record["kind"]})
+            image_sha.append([img["sha256"] for img in record["images"]])
     # Offsets are read back from the finished tar rather than predicted while writing:
     # tarfile's header sizes then never have to be second-guessed.
     members: dict[str, dict[str, list[int]]] = {}
@@ -94,7 +101,8 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
         "kinds": dict(sorted(Counter(e["kind"] for e in entries).items())),
         "samples": entries,
     }
-    save_json_atomic(shard_dir / f"{name}.idx.json", idx)
+    write_index_arrays(root, name, index_arrays(idx, image_sha))  # the compact index loaders read
+    save_json_atomic(shard_dir / f"{name}.idx.json", idx)  # last: marks the shard whole
     return idx
 
 
@@ -106,28 +114,30 @@ def load_manifest(root: Path) -> Manifest | None:
 
 
 class ShardReader:
-    """Random access to one shard through its index: one seek and one read per member."""
+    """Random access to one shard through its binary index: one positioned read per member."""
 
     def __init__(self, root: Path, name: str):
         self.root = Path(root)
-        self.index = json.loads((self.root / "shards" / f"{name}.idx.json").read_text(encoding="utf-8"))
-        self.path = self.root / self.index["tar"]
-        self._file = None
+        self.name = name
+        self.index = load_shard_arrays(self.root, name)
+        self.path = self.root / "shards" / f"{name}.tar"
+        self._fd: int | None = None
 
     def __len__(self) -> int:
-        return len(self.index["samples"])
+        return len(self.index)
+
+    def json_index(self) -> ShardIndex:
+        """The readable JSON index (member names, keys, ids): read on demand, never kept."""
+        return json.loads((self.root / "shards" / f"{self.name}.idx.json").read_text(encoding="utf-8"))
 
     def _read(self, offset: int, size: int) -> bytes:
-        if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for repeated seeks
-        self._file.seek(offset)
-        return self._file.read(size)
+        if self._fd is None:
+            self._fd = open_tar(self.path, self.index.tar_bytes)
+        return os.pread(self._fd, int(size), int(offset))
 
     def read(self, position: int) -> Sample:
-        entry = self.index["samples"][position]
-        members = entry["members"]
-        record = json.loads(self._read(*members["json"]))
-        images = [self._read(*members[img["member"]]) for img in record["images"]]
+        record = json.loads(self._read(*self.index.json[position]))
+        images = [self._read(*span) for span in self.index.image_spans(position)]
         return Sample(record=record, images=images)
 
     def __iter__(self) -> Iterator[Sample]:
@@ -135,9 +145,22 @@ class ShardReader:
             yield self.read(i)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def open_tar(path: Path, expected_bytes: int) -> int:
+    """Open a shard's tar for reading; refuse one whose size differs from its index's."""
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    if size != expected_bytes:
+        os.close(fd)
+        raise InputError(
+            f"{path} is {size} bytes but its index says {expected_bytes}: the shard changed after ingest "
+            f"(truncated or overwritten); check it with `vpit verify {path.parent.parent}` and re-run its ingest"
+        )
+    return fd
 
 
 class Dataset:
@@ -149,7 +172,7 @@ class Dataset:
         if manifest is None:
             raise InputError(f"{self.root} holds no {MANIFEST}: is it a vpit dataset (vpit ingest ...)?")
         self.manifest = manifest
-        self._readers: dict[int, ShardReader] = {}
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()  # a few open shards, not all
 
     @property
     def shards(self) -> list[ShardEntry]:
@@ -159,16 +182,24 @@ class Dataset:
         return sum(s["samples"] for s in self.shards)
 
     def reader(self, shard: int) -> ShardReader:
-        if shard not in self._readers:
+        if shard in self._readers:
+            self._readers.move_to_end(shard)
+        else:
             self._readers[shard] = ShardReader(self.root, self.shards[shard]["name"])
+            while len(self._readers) > DEFAULT_OPEN_SHARDS:
+                self._readers.popitem(last=False)[1].close()
         return self._readers[shard]
 
     def read(self, shard: int, position: int) -> Sample:
         return self.reader(shard).read(position)
 
     def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self.shards)):
-            yield from self.reader(i)
+        for entry in self.shards:
+            reader = ShardReader(self.root, entry["name"])
+            try:
+                yield from reader
+            finally:
+                reader.close()
 
     def tar_paths(self) -> list[str]:
         return [str(self.root / "shards" / f"{s['name']}.tar") for s in self.shards]

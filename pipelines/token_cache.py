@@ -10,20 +10,29 @@ Layout (several fingerprints side by side):
     DATASET/tokens/<fingerprint>/shard-000000.done.json the shard's tar_sha256 and row count,
                                                         written LAST: its presence marks the shard whole
 
-Raw .npy (not safetensors) because numpy memory-maps it with no extra dependency and no copy,
-and `np.load(allow_pickle=False)` cannot run code. numpy has no bfloat16, so bf16 caches store
-the bit pattern as uint16 and reads widen it to float32 (exact).
+Raw .npy (not safetensors) because numpy reads it with no extra dependency, and
+`np.load(allow_pickle=False)` cannot run code. numpy has no bfloat16, so bf16 caches store
+the bit pattern as uint16 and reads widen it to float32 (exact). int8 caches store each token
+as d int8 values followed by its scale (fp16, 2 bytes): shape (rows, m, d + 2), half the size
+of fp16, dequantised as q * scale (per-token absmax scale, scale = max|x| / 127).
+
+A reader opens a shard's token file on first use and keeps at most `DEFAULT_OPEN_SHARDS` open
+(`pipelines.open_files`); one positioned read per sample, no memory map, so nothing grows
+with the shards a run touches. Opening checks the file's size against its header, so a
+truncated file is refused by name instead of read as garbage.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vpit.errors import VpitError
+from vpit.pipelines.open_files import DEFAULT_OPEN_SHARDS, OpenFiles
 
 __all__ = [
     "CacheError",
@@ -39,7 +48,13 @@ __all__ = [
     "offsets_path",
 ]
 
-STORAGE_NUMPY = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}
+STORAGE_NUMPY = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32, "int8": np.int8}
+INT8_SCALE_BYTES = 2  # an fp16 scale after each int8 token
+
+
+def stored_shape(rows: int, m: int, dim: int, dtype: str) -> tuple[int, int, int]:
+    """The .npy shape of `rows` images of m x dim tokens in storage type `dtype`."""
+    return (rows, m, dim + INT8_SCALE_BYTES) if dtype == "int8" else (rows, m, dim)
 
 
 class CacheError(VpitError):
@@ -66,13 +81,25 @@ def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     """Stored tokens -> float32 (a copy). bf16 is the top half of a float32's bits."""
     if dtype == "bf16":
         return (np.asarray(arr, dtype=np.uint32) << 16).view(np.float32)
-    return np.asarray(arr, dtype=np.float32)
+    if dtype == "int8":
+        scale = np.ascontiguousarray(arr[..., -INT8_SCALE_BYTES:]).view(np.float16).astype(np.float32)
+        return arr[..., :-INT8_SCALE_BYTES].astype(np.float32) * scale
+    return np.array(arr, dtype=np.float32)
 
 
 def to_storage(tokens, dtype: str) -> np.ndarray:
-    """A float torch tensor -> the numpy array the cache stores (bf16 rounded, kept as uint16 bits)."""
+    """A float torch tensor (n, m, d) -> the numpy array the cache stores (bf16 rounded and kept
+    as uint16 bits; int8 with a per-token fp16 scale appended)."""
     import torch
 
+    if dtype == "int8":
+        x = tokens.float()
+        scale = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30).half()  # rounded first:
+        q = torch.round(x / scale.float()).clamp(-127, 127).to(torch.int8)  # q uses the stored scale
+        out = np.empty((*q.shape[:-1], q.shape[-1] + INT8_SCALE_BYTES), dtype=np.int8)
+        out[..., :-INT8_SCALE_BYTES] = q.numpy()
+        out[..., -INT8_SCALE_BYTES:] = scale.numpy().view(np.int8)
+        return out
     t = tokens.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
     if dtype == "bf16":
         return t.view(torch.int16).numpy().view(np.uint16)
@@ -85,8 +112,8 @@ def precompute_command(dataset_root: str | Path, info: dict[str, Any]) -> str:
     parts = ["vpit precompute", str(dataset_root), "--encoder", info["encoder"]]
     if info.get("revision"):
         parts += ["--revision", info["revision"]]
-    parts += ["--tokens", str(s["tokens"]), "--dtype", s["dtype"]]
-    defaults = {"layer": -1, "pooling": "bilinear", "normalize": "l2", "compute_dtype": "fp32"}
+    parts += ["--tokens", str(s["tokens"]), "--dtype", s["dtype"], "--compute-dtype", s["compute_dtype"]]
+    defaults = {"layer": -1, "pooling": "bilinear", "normalize": "l2"}
     for key, default in defaults.items():
         if s[key] != default:
             parts += [f"--{key.replace('_', '-')}", str(s[key])]
@@ -120,7 +147,7 @@ def _shard_state(cdir: Path, entry: dict[str, Any], m: int, dim: int, dtype: str
             shape, _, stored = read(f)
     except (ValueError, OSError):
         return "partial"
-    return "ok" if shape == (done["rows"], m, dim) and stored == STORAGE_NUMPY[dtype] else "partial"
+    return "ok" if shape == stored_shape(done["rows"], m, dim, dtype) and stored == STORAGE_NUMPY[dtype] else "partial"
 
 
 def check_cache(dataset_root: str | Path, fingerprint: str) -> dict[str, list[str]]:
@@ -158,18 +185,30 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 
 class TokenCache:
-    """Read a dataset's token cache for one fingerprint: O(1) memory-mapped lookup per sample.
+    """Read a dataset's token cache for one fingerprint: one positioned read per sample.
 
     Args:
         dataset_root: the dataset folder (holds manifest.json).
         fingerprint: the encoder fingerprint (`vpit precompute` prints it; `available_fingerprints`).
+        shard_names: the dataset's shard names in manifest order (read from the manifest when absent).
+        verified: the caller checked the whole cache already (the planner does, once per run), so
+            only each shard's file size is checked when it is opened.
+        open_shards: token files kept open at most.
 
     Raises:
         CacheError: the cache is missing, stale (the dataset changed since) or partial; the
             message names the shards and the command that fixes it.
     """
 
-    def __init__(self, dataset_root: str | Path, fingerprint: str):
+    def __init__(
+        self,
+        dataset_root: str | Path,
+        fingerprint: str,
+        *,
+        shard_names: tuple[str, ...] | None = None,
+        verified: bool = False,
+        open_shards: int = DEFAULT_OPEN_SHARDS,
+    ):
         self.root = Path(dataset_root)
         self.fingerprint = fingerprint
         self.dir = cache_dir(self.root, fingerprint)
@@ -179,47 +218,77 @@ class TokenCache:
             raise CacheError(
                 f"{self.root} has no token cache with fingerprint {fingerprint} (all shards missing); "
                 f"available: {', '.join(have) or 'none'}. Build it with `vpit precompute {self.root} --encoder ENCODER "
-                "--tokens M --dtype fp16|bf16`, using the encoder settings that print this fingerprint"
+                "--tokens M --dtype fp16|bf16|int8`, using the encoder settings that print this fingerprint"
             )
         info = json.loads(info_path.read_text(encoding="utf-8"))
-        states = check_cache(self.root, fingerprint)
-        bad = [(k, states[k]) for k in ("missing", "stale", "partial") if states[k]]
-        if bad:
-            what = "; ".join(f"{k}: {_names(v)}" for k, v in bad)
-            raise CacheError(
-                f"token cache {fingerprint} of {self.root} is not usable ({what}; stale = written for another "
-                f"version of the shard). Fix it with: {precompute_command(self.root, info)}"
-            )
+        self.fix = precompute_command(self.root, info)
+        if not verified:
+            states = check_cache(self.root, fingerprint)
+            bad = [(k, states[k]) for k in ("missing", "stale", "partial") if states[k]]
+            if bad:
+                what = "; ".join(f"{k}: {_names(v)}" for k, v in bad)
+                raise CacheError(
+                    f"token cache {fingerprint} of {self.root} is not usable ({what}; stale = written for another "
+                    f"version of the shard). Fix it with: {self.fix}"
+                )
         self.info: dict[str, Any] = info["settings"]
         self.m: int = info["m"]
         self.dim: int = info["dim"]
         self.dtype: str = self.info["dtype"]
-        self.names = [s["name"] for s in _load_manifest(self.root)["shards"]]
-        self._offsets: dict[int, np.ndarray] = {}
-        self._arrays: dict[int, np.ndarray] = {}
+        self.names = (
+            list(shard_names) if shard_names is not None else [s["name"] for s in _load_manifest(self.root)["shards"]]
+        )
+        self.files = OpenFiles(self._open, open_shards)
 
-    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        if shard not in self._arrays:
-            name = self.names[shard]
-            self._offsets[shard] = np.load(offsets_path(self.dir, name), allow_pickle=False)
-            rows = int(self._offsets[shard][-1])
-            # numpy cannot memory-map a zero-length payload; an empty shard is just loaded.
-            self._arrays[shard] = np.load(
-                tokens_path(self.dir, name), allow_pickle=False, mmap_mode="r" if rows else None
-            )
-        return self._offsets[shard], self._arrays[shard]
+    def _open(self, shard: int) -> tuple[int, tuple[np.ndarray, int, tuple[int, ...]]]:
+        """A shard's token file: its descriptor, row offsets, data offset and row shape."""
+        name = self.names[shard]
+        path = tokens_path(self.dir, name)
+        offsets = np.load(offsets_path(self.dir, name), allow_pickle=False)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                fmt = np.lib.format
+                read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                shape, _, stored = read(f)
+                data_offset = f.tell()
+            expected = stored_shape(int(offsets[-1]), self.m, self.dim, self.dtype)
+            size = data_offset + int(np.prod(expected)) * np.dtype(stored).itemsize
+            if shape != expected or stored != STORAGE_NUMPY[self.dtype] or os.fstat(fd).st_size != size:
+                raise CacheError(
+                    f"{path} is damaged (shape {shape}, {os.fstat(fd).st_size} bytes; expected {expected}, "
+                    f"{size} bytes). Fix it with: {self.fix}"
+                )
+        except (ValueError, OSError) as e:
+            os.close(fd)
+            raise CacheError(f"{path} is not a readable token file ({e}). Fix it with: {self.fix}") from None
+        except CacheError:
+            os.close(fd)
+            raise
+        return fd, (offsets, data_offset, expected[1:])
 
     def rows(self, shard: int, position: int) -> tuple[int, int]:
         """The [start, end) rows of sample `position` of `shard` in that shard's token array."""
-        offsets, _ = self._shard(shard)
-        if not 0 <= position < len(offsets) - 1:
-            raise IndexError(f"{self.names[shard]} has {len(offsets) - 1} samples, asked for position {position}")
-        return int(offsets[position]), int(offsets[position + 1])
+        with self.files.use(shard) as (_, (offsets, _, _)):
+            if not 0 <= position < len(offsets) - 1:
+                raise IndexError(f"{self.names[shard]} has {len(offsets) - 1} samples, asked for position {position}")
+            return int(offsets[position]), int(offsets[position + 1])
 
     def tokens(self, shard: int, position: int) -> np.ndarray:
         """Float32 (n_images, m, d) for one sample, images in record["images"] order; (0, m, d) for text-only."""
-        start, end = self.rows(shard, position)
-        return from_storage(self._arrays[shard][start:end], self.dtype)
+        with self.files.use(shard) as (fd, (offsets, data_offset, row_shape)):
+            if not 0 <= position < len(offsets) - 1:
+                raise IndexError(f"{self.names[shard]} has {len(offsets) - 1} samples, asked for position {position}")
+            start, end = int(offsets[position]), int(offsets[position + 1])
+            dtype = np.dtype(STORAGE_NUMPY[self.dtype])
+            row_bytes = int(np.prod(row_shape)) * dtype.itemsize
+            buf = os.pread(fd, (end - start) * row_bytes, data_offset + start * row_bytes)
+        if len(buf) != (end - start) * row_bytes:
+            raise CacheError(f"{tokens_path(self.dir, self.names[shard])} ends early. Fix it with: {self.fix}")
+        return from_storage(np.frombuffer(buf, dtype=dtype).reshape(end - start, *row_shape), self.dtype)
+
+    def close(self) -> None:
+        self.files.close()
 
     def __repr__(self) -> str:
         return f"TokenCache({str(self.root)!r}, {self.fingerprint!r}: m={self.m}, d={self.dim}, {self.dtype})"

@@ -251,7 +251,12 @@ class VideoQAAdapter(Adapter):
         if total < cfg.frames:
             raise Rejected("too_few_frames", f"video {rel}: {total} frame(s), sampling needs {cfg.frames}")
         indices = uniform_indices(total, cfg.frames)
-        frames, _ = decode_frames(path, set(indices), f"video {rel}", cfg.frame_format)
+        frames, seen = decode_frames(path, set(indices), f"video {rel}", cfg.frame_format)
+        if len(frames) < len(set(indices)):  # fewer frames decode than packets: sample the real ones
+            if seen < cfg.frames:
+                raise Rejected("too_few_frames", f"video {rel}: {seen} decodable frame(s), sampling needs {cfg.frames}")
+            indices = uniform_indices(seen, cfg.frames)
+            frames, _ = decode_frames(path, set(indices), f"video {rel}", cfg.frame_format)
         images = [frames[i] for i in indices]
         entries = [
             image_entry(j, data, f"video {rel} frame {i}", cfg.max_pixels)

@@ -12,6 +12,7 @@ benchmarks, GPU checks).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from vpit.errors import ConfigError
@@ -91,10 +92,29 @@ def _ignore_preemption(worker_id: int) -> None:
 class MixtureSource:
     """A mixture spec -> plan -> `MixtureStream` -> DataLoader(collate in workers)."""
 
-    def __init__(self, spec_path: str, overrides: dict[str, Any], global_batch_size: int, balance: bool = True):
+    def __init__(
+        self,
+        spec_path: str,
+        overrides: dict[str, Any],
+        global_batch_size: int,
+        balance: bool = True,
+        plan_dir: str | Path | None = None,
+    ):
         from vpit.mixtures import load_spec, make_plan
+        from vpit.mixtures.plan import load_plan, save_plan
 
-        self.plan = make_plan(load_spec(spec_path, overrides or None))
+        spec = load_spec(spec_path, overrides or None)
+        if plan_dir is None:
+            self.plan = make_plan(spec)
+        else:  # planned once, by rank 0; every rank (and loader worker) maps the saved plan
+            import torch.distributed as dist
+
+            distributed = dist.is_available() and dist.is_initialized()
+            if not distributed or dist.get_rank() == 0:
+                save_plan(make_plan(spec), plan_dir)
+            if distributed:
+                dist.barrier()
+            self.plan = load_plan(plan_dir, spec)
         self.plan_hash = self.plan.hash
         self.global_batch_size = global_batch_size
         self.balance = balance
@@ -143,10 +163,11 @@ class MixtureSource:
         return iter(loader)
 
 
-def make_source(data: Any, global_batch_size: int, model: Any) -> BatchSource:
-    """The source a DataConfig names. Synthetic items take m and d from the model config."""
+def make_source(data: Any, global_batch_size: int, model: Any, plan_dir: str | Path | None = None) -> BatchSource:
+    """The source a DataConfig names (a mixture is planned once into `plan_dir`). Synthetic items
+    take m and d from the model config."""
     if data.mixture:
-        return MixtureSource(data.mixture, dict(data.mixture_overrides), global_batch_size, data.balance)
+        return MixtureSource(data.mixture, dict(data.mixture_overrides), global_batch_size, data.balance, plan_dir)
     from vpit.train.synthetic import synthetic_items
 
     return ListSource(synthetic_items(data.synthetic, m=model.num_visual_tokens, d=model.vision_dim), global_batch_size)

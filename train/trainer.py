@@ -84,7 +84,7 @@ class Trainer:
         world, accum = self.dist.world_size, cfg.grad_accum
         self.global_batch = cfg.micro_batch_size * world * accum
         self.lr = cfg.lr * math.sqrt(self.global_batch / cfg.lr_reference_batch)
-        self.source = source or make_source(cfg.data, self.global_batch, cfg.model)
+        self.source = source or make_source(cfg.data, self.global_batch, cfg.model, self.run_dir / "plan")
         self._check_data()
         ds = ds_config(
             cfg.deepspeed,

@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "DIST_ENV",
     "init_ray",
+    "ray_gcs_address",
     "muted",
     "pyplot",
     "quiet",
@@ -132,6 +133,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING if is_verbose() else logging.ERROR)
+
+
+def ray_gcs_address() -> str:
+    """The address of the Ray cluster this process is connected to, for a subprocess to join it."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 def cluster_cpus() -> int:

@@ -13,6 +13,7 @@ import numpy as np
 
 from vpit.common import save_json_atomic
 from vpit.pipelines.sample import Sample, image_entry
+from vpit.pipelines.shard_index import build_catalog_arrays
 from vpit.pipelines.shards import FORMAT_VERSION, write_shard
 from vpit.shapes import caption, encode_image, random_scene, render
 
@@ -88,6 +89,7 @@ def make_dataset(root: Path, source: str, shards: list[list[str]], seed: int = 0
             "shards": entries,
         },
     )
+    build_catalog_arrays(root, entries)  # as the end of an ingest does
     return root
 
 
@@ -112,8 +114,8 @@ def fake_plan(groups: dict[str, list[tuple[str, int, int]]], seed: int = 0, shar
             cat = Catalog(
                 root=Path("/nonexistent") / name,
                 shard_names=tuple(f"s{i}" for i in range(n_shards)),
-                offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                picks={},
+                shard_starts=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                picks=None,
                 fingerprint=name,
                 kinds={},
             )

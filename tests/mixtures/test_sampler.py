@@ -144,3 +144,29 @@ def test_apportion_is_exact_largest_remainder():
     assert apportion(7_000_000, [0.7, 0.3]) == [4_900_000, 2_100_000]
     assert apportion(5, [3, 0, 2]) == [3, 0, 2]
     assert sum(apportion(999_983, [0.1, 0.2, 0.3, 0.4])) == 999_983
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 17, 64, 1000, 4097, 100_003])
+def test_feistel_permutations_are_bijections_for_any_size(size):
+    from vpit.mixtures.sampler import SAMPLER_VERSION
+
+    assert SAMPLER_VERSION == 2  # the sequence changed from materialised permutations on purpose
+    for epoch_draws in (np.arange(size), np.arange(size, 2 * size)):
+        items = source_items(3, "src", size, epoch_draws)
+        assert sorted(items.tolist()) == list(range(size))
+    if size >= 1000:  # a shuffle, not a near-identity: few fixed points, neighbours land far apart
+        items = source_items(3, "src", size, np.arange(size))
+        assert (items == np.arange(size)).mean() < 0.01
+        assert np.abs(np.diff(items)).mean() > size / 10
+
+
+def test_permutations_take_memory_for_the_draws_only():
+    """A 2-billion-sample source: 2048 draws computed without materialising its permutation."""
+    import tracemalloc
+
+    tracemalloc.start()
+    items = source_items(0, "huge", 2_000_000_000, np.arange(10_000_000, 10_002_048))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(set(items.tolist())) == 2048 and items.max() < 2_000_000_000
+    assert peak < 2_000_000  # bytes: was 16 GB for the permutation of 2e9 items

@@ -243,3 +243,31 @@ def test_token_balancing_bounds_the_slowest_rank_where_contiguous_slices_do_not(
     assert max(worst_bins) < 1.1, max(worst_bins)
     # a pure function of the costs: every rank computes the same assignment
     assert np.array_equal(balance_bins(cost, ranks), balance_bins(cost.copy(), ranks))
+
+
+def test_a_saved_plan_gives_the_sequence_of_planning_in_every_worker(plan, mix_data, tmp_path):
+    """Plan once: the file every rank and worker maps gives the same global sequence, and loading
+    it reads no manifest, catalog or shard index (the datasets' indexes are hidden meanwhile)."""
+    from vpit.mixtures.plan import load_plan, save_plan
+
+    save_plan(plan, tmp_path / "plan")
+    hidden = []
+    for p in sorted((mix_data["mix"]).rglob("*.idx.*")) + [mix_data["mix"] / "manifest.json"]:
+        p.rename(p.with_name(p.name + ".hidden"))
+        hidden.append(p)
+    try:
+        loaded = load_plan(tmp_path / "plan", plan.spec)
+    finally:
+        for p in hidden:
+            p.with_name(p.name + ".hidden").rename(p)
+    assert loaded.hash == plan.hash and loaded.counts == plan.counts
+    assert any(isinstance(s.catalog.picks, np.memmap) for s in loaded.sources)  # kind filters: mapped
+    assert _ids(_steps(loaded, 2, 3)) == _ids(_steps(plan, 1, 0))
+    with pytest.raises(Exception, match="made for another spec"):
+        load_plan(tmp_path / "plan", load_spec_text(mix_data, seed=8))
+
+
+def load_spec_text(mix_data, seed):
+    path = mix_data["root"] / f"other-{seed}.yaml"
+    path.write_text(spec_text(mix_data["fingerprint"], und=30, gen=30, edit=12, seed=seed, repetition="allow"))
+    return load_spec(path)

@@ -170,7 +170,7 @@ def test_json_list_input_gives_same_samples(tmp_path, ray_local):
     assert a == b and len(a) == 20
     assert Dataset(tmp_path / "from_list").read(0, 0).record["origin"] == {
         "uri": "data.json",
-        "record": 0,
+        "line": 1,  # the record's number from 1: its line in JSONL, its element in a JSON list
         "record_id": "shapes-000000",
     }
 
@@ -179,7 +179,7 @@ def test_malformed_json_list_is_a_user_error(tmp_path, ray_local):
     bad = tmp_path / "data.json"
     bad.write_text('[{"id": 1},\n {"id": 2')
     cfg = LlavaConfig(input=str(bad), image_root=str(tmp_path), shard_size=8)
-    with pytest.raises(IngestError, match=r"malformed JSON at line 2 column"):
+    with pytest.raises(IngestError, match=r"malformed JSON near byte 21: "):
         run_ingest(LlavaAdapter(cfg), tmp_path / "ds", progress=False)
 
 

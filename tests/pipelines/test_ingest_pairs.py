@@ -100,14 +100,36 @@ def test_pairs_counts_roles_prompts(served, reference):
     assert sorted(p.name for p in (out / "img2dataset").glob("*_stats.json")) == [
         f"0000{i}_stats.json" for i in range(3)
     ]
+    # the download's tars went as their shards were recorded: the disk holds one copy, not two
+    assert sorted(p.name for p in (out / "img2dataset").glob("*")) == sorted(
+        [f"0000{i}{ext}" for i in range(3) for ext in (".parquet", "_stats.json")] + ["img2dataset.log"]
+    )
+
+
+def test_keep_download_keeps_the_tars_and_an_existing_folder_is_never_emptied(served, tmp_path, ray_local):
+    root, info = served
+    cfg = PairsConfig(input=str(info["url_list"]), shard_size=10, threads=8, keep_download=True)
+    report, _ = ingest_pairs(cfg, tmp_path / "kept", workers=2, progress=False)
+    tars = sorted(p.name for p in (tmp_path / "kept" / "img2dataset").glob("*.tar"))
+    assert tars == ["00000.tar", "00001.tar", "00002.tar"]
+    # a folder the user gives is theirs: ingesting it deletes nothing
+    again, _ = ingest_pairs(PairsConfig(input=str(tmp_path / "kept" / "img2dataset"), shard_size=10), tmp_path / "ds")
+    assert again.samples == report.samples
+    assert sorted(p.name for p in (tmp_path / "kept" / "img2dataset").glob("*.tar")) == tars
 
 
 def test_existing_img2dataset_folder(served, reference, tmp_path, ray_local):
     root, info = served
     out, _, _ = reference
-    report, _ = ingest_pairs(
-        PairsConfig(input=str(out / "img2dataset"), shard_size=10), tmp_path / "ds", progress=False
+    folder = tmp_path / "img2dataset"  # a download made by hand (bare img2dataset keeps its tars)
+    ingest_pairs(
+        PairsConfig(
+            input=str(info["url_list"]), shard_size=10, threads=8, keep_download=True, download_dir=str(folder)
+        ),
+        tmp_path / "first",
+        progress=False,
     )
+    report, _ = ingest_pairs(PairsConfig(input=str(folder), shard_size=10), tmp_path / "ds", progress=False)
     assert report.samples == N and report.quarantined == EXPECTED_QUARANTINE
     # Same img2dataset shards -> byte-identical tars, whatever input form was used.
     assert [s["tar_sha256"] for s in Dataset(tmp_path / "ds").shards] == [s["tar_sha256"] for s in Dataset(out).shards]
@@ -245,3 +267,15 @@ def test_a_pipelines_folder_in_the_working_directory_changes_nothing(served, ref
     assert "decoy" not in res.stdout + res.stderr + (out / "img2dataset" / "img2dataset.log").read_text()
     ref = Dataset(reference[0])
     assert [s.record["id"] for s in Dataset(out)] == [s.record["id"] for s in ref]
+
+
+def test_the_ray_distributor_downloads_on_the_cluster_vpit_runs_on(served, reference, tmp_path, ray_local):
+    """On a cluster (here the test session's local Ray), img2dataset's own Ray distributor runs the
+    download shards as Ray tasks; the result is the same dataset as the multiprocessing download."""
+    root, info = served
+    out, ref_report, _ = reference
+    cfg = PairsConfig(input=str(info["url_list"]), shard_size=10, threads=8, distributor="ray")
+    report, stats = ingest_pairs(cfg, tmp_path / "ds", workers=2, progress=False)
+    assert (report.samples, report.quarantined) == (ref_report.samples, ref_report.quarantined)
+    assert stats["shards"] == 3 and stats["successes"] == N + 3
+    assert [s["tar_sha256"] for s in Dataset(tmp_path / "ds").shards] == [s["tar_sha256"] for s in Dataset(out).shards]

@@ -1,0 +1,210 @@
+"""The compact binary shard index, and the dataset-level arrays the planner reads.
+
+Beside every `shards/shard-N.idx.json` (the readable index, written last: it marks the shard
+done) the shard writer puts `shards/shard-N.idx.npz`: the same offsets as flat arrays, about
+a quarter of the JSON's size and parsed in microseconds. Loaders and precompute read this one.
+
+    json          int64 (n, 2)       [offset, size] of each sample's JSON member
+    kind          uint8 (n,)         index into KINDS
+    ids           bytes (n,)         sample ids, UTF-8 (fixed width: the longest id of the shard)
+    id_hash       uint64 (n,)        the held-out hash of the sample id (`heldout_hash`)
+    image_start   int64 (n + 1,)     sample p owns image rows image_start[p]:image_start[p+1]
+    images        int64 (rows, 2)    [offset, size] of each image member, in record["images"] order
+    image_sha     uint64 (rows,)     the first 8 bytes of each image's sha256 (0: unknown)
+    tar_bytes     int64 ()           the tar's size: a loader refuses a tar of another size
+
+At the end of an ingest the per-sample columns of every shard are concatenated into
+`catalog/` (one .npy each: shard_starts, kind, id_hash), so a planner with a `kind:` filter
+or a held-out split reads three memory-mappable arrays instead of 20k indexes.
+
+npz and npy, not a format of our own: numpy reads them with `allow_pickle=False`, so a
+hostile file cannot run code, and other tools can open them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from vpit.common import save_json_atomic
+from vpit.errors import InputError
+from vpit.pipelines.sample import KINDS
+from vpit.records import ShardEntry, ShardIndex
+
+__all__ = [
+    "CATALOG_DIR",
+    "ShardArrays",
+    "build_catalog_arrays",
+    "heldout_hash",
+    "index_arrays",
+    "load_catalog_arrays",
+    "load_shard_arrays",
+    "write_index_arrays",
+]
+
+CATALOG_DIR = "catalog"
+_IMG = re.compile(r"^img(\d+)\.")
+
+
+def heldout_hash(sample_id: str) -> int:
+    """A sample's position in [0, 2^64) for the id-hash held-out split: fixed by the id alone."""
+    return int.from_bytes(hashlib.sha256(f"vpit-heldout:{sample_id}".encode()).digest()[:8], "big")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardArrays:
+    """One shard's binary index (see the module docstring)."""
+
+    json: np.ndarray
+    kind: np.ndarray
+    ids: np.ndarray
+    id_hash: np.ndarray
+    image_start: np.ndarray
+    images: np.ndarray
+    image_sha: np.ndarray
+    tar_bytes: int
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def sample_id(self, position: int) -> str:
+        return self.ids[position].decode("utf-8")
+
+    def image_spans(self, position: int) -> np.ndarray:
+        return self.images[self.image_start[position] : self.image_start[position + 1]]
+
+
+def index_arrays(idx: ShardIndex, image_sha: list[list[str]] | None = None) -> ShardArrays:
+    """The binary index of a JSON index. `image_sha` (per sample, the records' image sha256s)
+    fills image_sha; without it (an index written before binary indexes) it stays 0."""
+    samples = idx["samples"]
+    n = len(samples)
+    spans, starts = [], [0]
+    for entry in samples:
+        imgs = sorted((int(m.group(1)), span) for k, span in entry["members"].items() if (m := _IMG.match(k)))
+        spans += [span for _, span in imgs]
+        starts.append(len(spans))
+    sha = np.zeros(len(spans), dtype=np.uint64)
+    if image_sha is not None:
+        flat = [h for per in image_sha for h in per]
+        sha[:] = [int(h[:16], 16) for h in flat]
+    code = {k: i for i, k in enumerate(KINDS)}
+    return ShardArrays(
+        json=np.array([e["members"]["json"] for e in samples], dtype=np.int64).reshape(n, 2),
+        kind=np.array([code[e["kind"]] for e in samples], dtype=np.uint8),
+        ids=np.array([e["id"].encode("utf-8") for e in samples], dtype=bytes),
+        id_hash=np.array([heldout_hash(e["id"]) for e in samples], dtype=np.uint64),
+        image_start=np.array(starts, dtype=np.int64),
+        images=np.array(spans, dtype=np.int64).reshape(len(spans), 2),
+        image_sha=sha,
+        tar_bytes=int(idx["tar_bytes"]),
+    )
+
+
+def _npz_path(root: Path, name: str) -> Path:
+    return Path(root) / "shards" / f"{name}.idx.npz"
+
+
+def write_index_arrays(root: Path, name: str, arrays: ShardArrays) -> None:
+    path = _npz_path(root, name)
+    tmp = path.with_suffix(".tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{f.name: np.asarray(getattr(arrays, f.name)) for f in dataclasses.fields(ShardArrays)})
+    os.replace(tmp, path)
+
+
+def load_shard_arrays(root: str | Path, name: str) -> ShardArrays:
+    """A shard's binary index; from its JSON index when the binary one is absent (older datasets)."""
+    root = Path(root)
+    path = _npz_path(root, name)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            fields = {f.name: z[f.name] for f in dataclasses.fields(ShardArrays)}
+    except FileNotFoundError:
+        json_path = root / "shards" / f"{name}.idx.json"
+        try:
+            return index_arrays(json.loads(json_path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise InputError(
+                f"{json_path} is missing: the shard's index is gone; re-run the ingest command that wrote "
+                f"{root} (it redoes shards without an index)"
+            ) from None
+    except (ValueError, KeyError, OSError) as e:
+        raise InputError(f"{path}: not a readable shard index ({e}); delete it and re-run the ingest") from None
+    fields["tar_bytes"] = int(fields["tar_bytes"])
+    return ShardArrays(**fields)
+
+
+_COLUMNS = ("kind", "id_hash")
+
+
+def _shards_digest(shards: list[ShardEntry]) -> str:
+    """What the catalog was built from: the shards' names and checksums, in order."""
+    return hashlib.sha256(json.dumps([(s["name"], s["tar_sha256"]) for s in shards]).encode()).hexdigest()
+
+
+def build_catalog_arrays(root: str | Path, shards: list[ShardEntry]) -> None:
+    """Concatenate the shards' per-sample columns into ROOT/catalog/*.npy (one pass, at ingest end)."""
+    root = Path(root)
+    out = root / CATALOG_DIR
+    out.mkdir(exist_ok=True)
+    (out / "catalog.json").unlink(missing_ok=True)  # written last: its presence marks the arrays whole
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in _COLUMNS}
+    starts = [0]
+    for name in (s["name"] for s in shards):
+        arrays = load_shard_arrays(root, name)
+        for c in _COLUMNS:
+            parts[c].append(getattr(arrays, c))
+        starts.append(starts[-1] + len(arrays))
+    columns = {"shard_starts": np.array(starts, dtype=np.int64)}
+    columns.update({c: np.concatenate(parts[c]) if parts[c] else np.zeros(0, np.uint64) for c in _COLUMNS})
+    columns["kind"] = columns["kind"].astype(np.uint8)
+    columns["id_hash"] = columns["id_hash"].astype(np.uint64)
+    for c, arr in columns.items():
+        tmp = out / f"{c}.tmp.npy"
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, out / f"{c}.npy")
+    save_json_atomic(out / "catalog.json", {"kinds": list(KINDS), "shards": _shards_digest(shards)})
+
+
+def load_catalog_arrays(
+    root: str | Path, shards: list[ShardEntry], columns: tuple[str, ...], write: bool = False
+) -> dict[str, np.ndarray]:
+    """Memory-mapped catalog columns (plus shard_starts). When they are absent or out of date (a
+    dataset ingested before catalogs existed) they are built from the shard indexes: written to
+    ROOT/catalog with `write` (what ingest does), else in memory only (planning writes nothing;
+    re-running the dataset's ingest command writes them once)."""
+    root = Path(root)
+    out = root / CATALOG_DIR
+    wanted = ("shard_starts", *columns)
+    meta = {"kinds": list(KINDS), "shards": _shards_digest(shards)}
+
+    def load() -> dict[str, np.ndarray] | None:
+        try:
+            if json.loads((out / "catalog.json").read_text(encoding="utf-8")) != meta:
+                return None
+            return {c: np.load(out / f"{c}.npy", allow_pickle=False, mmap_mode="r") for c in wanted}
+        except (FileNotFoundError, ValueError):
+            return None
+
+    arrays = load()
+    if arrays is None:
+        if not write:
+            return _in_memory(root, [s["name"] for s in shards], wanted)
+        build_catalog_arrays(root, shards)
+        arrays = load()
+    return arrays
+
+
+def _in_memory(root: Path, shard_names: list[str], wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
+    per = [load_shard_arrays(root, n) for n in shard_names]
+    out = {"shard_starts": np.concatenate([[0], np.cumsum([len(a) for a in per])]).astype(np.int64)}
+    for c in wanted[1:]:
+        out[c] = np.concatenate([getattr(a, c) for a in per]) if per else np.zeros(0)
+    return out
