@@ -13,7 +13,11 @@ cache (64 x 1152 fp16), then measures, for rank 0 of 64 with one loader process:
   - peak driver RSS when planning the ingest of a 1 GB JSON list, against `json.loads` of the
     whole file (what the driver did before), in the same run.
 
-    python bench/scale.py [--json] [--work bench-data/scale] [--json-gb 1.0]
+    python bench/scale.py [--json] [--work bench-data/scale] [--json-gb 1.0] [--baseline OLD_PYTHONPATH]
+
+--baseline runs the planning and loader measurements once more with another vpit (a folder
+holding its `vpit` package, e.g. an older commit laid out as vpit/ + stage folders), which plans
+in every worker as vpit did before plans were saved: the "before" figures, on the same layout.
 
 With --json the last line is a JSON object with plan_s, first_batch_s, ms_per_batch, rss_gb,
 open_fds, manifest_cost_ratio (last/first), jsonlist_peak_rss_gb (and the raw figures).
@@ -215,6 +219,39 @@ def _loader(spec: str, plan_dir: str) -> None:
     )
 
 
+def _loader_before(spec: str) -> None:
+    """The child for --baseline: plan in the worker, then the same loop, under ulimit -n 1024."""
+    import psutil
+
+    from vpit.mixtures import MixtureStream, load_spec, make_plan
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    me = psutil.Process()
+    t0 = time.perf_counter()
+    plan = make_plan(load_spec(spec))
+    plan_s = time.perf_counter() - t0
+    stream = MixtureStream(plan, global_batch_size=B, rank=0, world_size=RANKS)
+    it = iter(stream)
+    out = {"plan_s": plan_s, "batches": 0, "error": None, "marks": {}}
+    try:
+        next(it)
+        out["first_batch_s"] = time.perf_counter() - t0
+        times = []
+        for k in range(1, BATCHES + 1):
+            t = time.perf_counter()
+            next(it)
+            times.append(time.perf_counter() - t)
+            out["batches"] = k
+            if k in (50, 100, BATCHES) or k % 10 == 0:
+                out["marks"][k] = {"rss_gb": me.memory_info().rss / 2**30, "open_fds": len(os.listdir("/proc/self/fd"))}
+        out["ms_per_batch"] = 1000 * float(np.median(times[20:]))
+    except OSError as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    out["rss_gb"] = me.memory_info().rss / 2**30
+    out["open_fds"] = len(os.listdir("/proc/self/fd"))
+    print(json.dumps(out))
+
+
 def _manifest_cost(work: Path, n: int = 20_000) -> dict:
     """Per-shard driver cost of recording a finished shard: journal append (now) against the
     manifest rewrite it replaced, at the first and the last 100 shards of an n-shard ingest."""
@@ -308,10 +345,14 @@ def main() -> None:
     ap.add_argument("--work", default="bench-data/scale", help="work folder (the layout is built once and reused)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
     ap.add_argument("--json-gb", type=float, default=1.0, help="size of the JSON list for the driver-memory figure")
+    ap.add_argument("--baseline", help="PYTHONPATH of another vpit to measure planning and loading with")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--child-before", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return _loader(*args.child)
+    if args.child_before:
+        return _loader_before(args.child_before)
 
     from vpit.common import quiet
 
@@ -371,6 +412,22 @@ def main() -> None:
         f"{peak_old:.2f} GB parsing it whole ({secs_old:.0f}s, the old driver, before inlining the records)"
     )
 
+    before = {}
+    if args.baseline:
+        env = {**os.environ, "PYTHONPATH": args.baseline}
+        res = subprocess.run(
+            [sys.executable, __file__, "--child-before", info["spec"]], capture_output=True, text=True, env=env
+        )
+        if res.returncode != 0:
+            sys.exit(f"baseline loader failed:\n{res.stderr[-3000:]}")
+        before = json.loads(res.stdout.strip().splitlines()[-1])
+        print(
+            f"before ({args.baseline}): plan in the worker {before['plan_s']:.1f}s; "
+            + (f"first batch at {before['first_batch_s']:.1f}s; " if "first_batch_s" in before else "")
+            + f"{before['batches']} batches, then RSS {before['rss_gb']:.2f} GB, {before['open_fds']} open files"
+            + (f"; stopped: {before['error']}" if before["error"] else "")
+        )
+
     figures = {
         "shards": sum(DATASETS.values()),
         "samples": sum(DATASETS.values()) * PER_SHARD,
@@ -388,6 +445,7 @@ def main() -> None:
         "jsonlist_peak_rss_gb": peak_new,
         "jsonlist_whole_parse_rss_gb": peak_old,
         **{k: v for k, v in info.items() if k.startswith("catalog_build")},
+        **{f"before_{k}": v for k, v in before.items() if k != "marks"},
     }
     goals = {"plan_s": 10, "first_batch_s": 5, "rss_gb": 1, "open_fds": 300, "manifest_cost_ratio": 1.5}
     goals["jsonlist_peak_rss_gb"] = 2

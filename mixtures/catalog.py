@@ -134,10 +134,21 @@ def build_catalog(
 class RecordReader:
     """Thread-safe random reads of sample JSON records from one dataset's shards."""
 
-    def __init__(self, root: str | Path, shard_names: tuple[str, ...], open_shards: int = DEFAULT_OPEN_SHARDS):
+    def __init__(
+        self,
+        root: str | Path,
+        shard_names: tuple[str, ...],
+        open_shards: int = DEFAULT_OPEN_SHARDS,
+        files: OpenFiles | None = None,
+    ):
+        """`files`: an LRU shared with other readers (closed by its owner); default: one of our own."""
         self.root = Path(root)
         self.names = shard_names
-        self.files = OpenFiles(self._open, open_shards)
+        self.own = files is None
+        self.files = OpenFiles(capacity=open_shards) if files is None else files
+
+    def _use(self, shard: int):
+        return self.files.use((str(self.root), self.names[shard]), lambda key: self._open(shard))
 
     def _open(self, shard: int):
         name = self.names[shard]
@@ -145,20 +156,21 @@ class RecordReader:
         return open_tar(self.root / "shards" / f"{name}.tar", arrays.tar_bytes), arrays
 
     def record(self, shard: int, position: int) -> Record:
-        with self.files.use(shard) as (fd, arrays):
+        with self._use(shard) as (fd, arrays):
             offset, size = arrays.json[position]
             return json.loads(os.pread(fd, int(size), int(offset)))
 
     def sample_id(self, shard: int, position: int) -> str:
         """The sample's id from the index alone (no tar read)."""
-        with self.files.use(shard) as (_, arrays):
+        with self._use(shard) as (_, arrays):
             return arrays.sample_id(position)
 
     def cost(self, shard: int, position: int, m: int) -> int:
         """Estimated tokens of a sample from the index alone: JSON bytes / 4 + images x (m + 2)."""
-        with self.files.use(shard) as (_, arrays):
+        with self._use(shard) as (_, arrays):
             images = int(arrays.image_start[position + 1] - arrays.image_start[position])
             return int(arrays.json[position, 1]) // 4 + images * (m + 2)
 
     def close(self) -> None:
-        self.files.close()
+        if self.own:
+            self.files.close()

@@ -30,6 +30,7 @@ from vpit.errors import ConfigError
 from vpit.mixtures.catalog import RecordReader
 from vpit.mixtures.plan import Plan
 from vpit.mixtures.sampler import balance_bins, batch_slots, locate, make_schedule
+from vpit.pipelines.open_files import OpenFiles
 from vpit.records import StreamItem
 
 __all__ = ["MixtureStream"]
@@ -158,8 +159,11 @@ class MixtureStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[list[StreamItem]]:
         in_main = torch.utils.data.get_worker_info() is None
-        readers = [RecordReader(s.catalog.root, s.catalog.shard_names) for s in self.plan.sources]
-        caches = self._open_caches() if self.with_tokens else None
+        # One LRU of open tars and one of open token files for all sources: the bound on open
+        # files holds per loader process, however many sources the mixture has.
+        tars, token_files = OpenFiles(), OpenFiles()
+        readers = [RecordReader(s.catalog.root, s.catalog.shard_names, files=tars) for s in self.plan.sources]
+        caches = self._open_caches(token_files) if self.with_tokens else None
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vpit-mix-read")
         pending: deque = deque()
         batches = iter(self._my_batches())
@@ -181,15 +185,17 @@ class MixtureStream(torch.utils.data.IterableDataset):
             for _, f in pending:
                 f.cancel()
             pool.shutdown(wait=True)
-            for r in readers + (caches or []):
-                r.close()
+            tars.close()
+            token_files.close()
 
-    def _open_caches(self) -> list:
+    def _open_caches(self, files: OpenFiles) -> list:
         from vpit.pipelines.token_cache import TokenCache
 
         # verified: the planner checked every shard of every cache once for the whole run
         return [
-            TokenCache(s.catalog.root, self.plan.spec.cache, shard_names=s.catalog.shard_names, verified=True)
+            TokenCache(
+                s.catalog.root, self.plan.spec.cache, shard_names=s.catalog.shard_names, verified=True, files=files
+            )
             for s in self.plan.sources
         ]
 

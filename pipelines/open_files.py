@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = ["DEFAULT_OPEN_SHARDS", "OpenFiles"]
 
+Opener = Callable[[Hashable], tuple[int, Any]]
 DEFAULT_OPEN_SHARDS = 64  # per reader kind and process: with 64 ranks x 4 workers, far under ulimit -n 1024
 
 
@@ -35,13 +36,18 @@ class _Entry:
 
 class OpenFiles:
     """LRU of (fd, value) pairs made by `opener(key) -> (fd, value)`; fds closed on eviction.
+    Several readers can share one (the training stream gives all its sources one for tars and
+    one for token files), so the bound holds per process, whatever the number of sources.
 
     Args:
-        opener: opens the file for `key` and returns its descriptor and what to keep beside it.
+        opener: opens the file for `key` and returns its descriptor and what to keep beside it
+            (a reader sharing the LRU passes its own opener to `use` instead).
         capacity: entries kept open at most (besides those a thread is reading from).
     """
 
-    def __init__(self, opener: Callable[[Hashable], tuple[int, Any]], capacity: int = DEFAULT_OPEN_SHARDS):
+    def __init__(
+        self, opener: Callable[[Hashable], tuple[int, Any]] | None = None, capacity: int = DEFAULT_OPEN_SHARDS
+    ):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.opener, self.capacity = opener, capacity
@@ -53,15 +59,17 @@ class OpenFiles:
         return len(self._entries)
 
     @contextlib.contextmanager
-    def use(self, key: Hashable) -> Iterator[tuple[int, Any]]:
-        """(fd, value) of `key`, open for the duration of the block."""
+    def use(
+        self, key: Hashable, opener: Callable[[Hashable], tuple[int, Any]] | None = None
+    ) -> Iterator[tuple[int, Any]]:
+        """(fd, value) of `key`, open for the duration of the block (opened by `opener` on a miss)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
                 entry.users += 1
         if entry is None:
-            fd, value = self.opener(key)  # outside the lock: opening may read an index
+            fd, value = (opener or self.opener)(key)  # outside the lock: opening may read an index
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None:

@@ -194,6 +194,7 @@ class TokenCache:
         verified: the caller checked the whole cache already (the planner does, once per run), so
             only each shard's file size is checked when it is opened.
         open_shards: token files kept open at most.
+        files: an LRU shared with other readers (closed by its owner); default: one of our own.
 
     Raises:
         CacheError: the cache is missing, stale (the dataset changed since) or partial; the
@@ -208,6 +209,7 @@ class TokenCache:
         shard_names: tuple[str, ...] | None = None,
         verified: bool = False,
         open_shards: int = DEFAULT_OPEN_SHARDS,
+        files: OpenFiles | None = None,
     ):
         self.root = Path(dataset_root)
         self.fingerprint = fingerprint
@@ -238,7 +240,8 @@ class TokenCache:
         self.names = (
             list(shard_names) if shard_names is not None else [s["name"] for s in _load_manifest(self.root)["shards"]]
         )
-        self.files = OpenFiles(self._open, open_shards)
+        self.own = files is None
+        self.files = OpenFiles(capacity=open_shards) if files is None else files
 
     def _open(self, shard: int) -> tuple[int, tuple[np.ndarray, int, tuple[int, ...]]]:
         """A shard's token file: its descriptor, row offsets, data offset and row shape."""
@@ -267,16 +270,19 @@ class TokenCache:
             raise
         return fd, (offsets, data_offset, expected[1:])
 
+    def _use(self, shard: int):
+        return self.files.use((str(self.dir), self.names[shard]), lambda key: self._open(shard))
+
     def rows(self, shard: int, position: int) -> tuple[int, int]:
         """The [start, end) rows of sample `position` of `shard` in that shard's token array."""
-        with self.files.use(shard) as (_, (offsets, _, _)):
+        with self._use(shard) as (_, (offsets, _, _)):
             if not 0 <= position < len(offsets) - 1:
                 raise IndexError(f"{self.names[shard]} has {len(offsets) - 1} samples, asked for position {position}")
             return int(offsets[position]), int(offsets[position + 1])
 
     def tokens(self, shard: int, position: int) -> np.ndarray:
         """Float32 (n_images, m, d) for one sample, images in record["images"] order; (0, m, d) for text-only."""
-        with self.files.use(shard) as (fd, (offsets, data_offset, row_shape)):
+        with self._use(shard) as (fd, (offsets, data_offset, row_shape)):
             if not 0 <= position < len(offsets) - 1:
                 raise IndexError(f"{self.names[shard]} has {len(offsets) - 1} samples, asked for position {position}")
             start, end = int(offsets[position]), int(offsets[position + 1])
@@ -288,7 +294,8 @@ class TokenCache:
         return from_storage(np.frombuffer(buf, dtype=dtype).reshape(end - start, *row_shape), self.dtype)
 
     def close(self) -> None:
-        self.files.close()
+        if self.own:
+            self.files.close()
 
     def __repr__(self) -> str:
         return f"TokenCache({str(self.root)!r}, {self.fingerprint!r}: m={self.m}, d={self.dim}, {self.dtype})"
