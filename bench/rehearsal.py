@@ -105,9 +105,18 @@ def _llm_folder(work: Path) -> Path:
 
 
 def _config(work: Path, llm: Path) -> Path:
+    # The CPU config keeps every gathered parameter live (made for tiny models): at 0.5B that is
+    # the whole model gathered beside its shards, over 12 GB per rank. A large model's settings
+    # release them: live parameters and reuse distance bounded, as GPU configs do.
+    from vpit.infra import config_file
+
+    ds = json.loads(config_file("deepspeed", "zero3_cpu.json").read_text())
+    ds["zero_optimization"].update(stage3_max_live_parameters=5e7, stage3_max_reuse_distance=5e7)
+    (work / "zero3_cpu_large.json").write_text(json.dumps(ds, indent=1))
     path = work / "train.yaml"
     path.write_text(
         f"""
+deepspeed: {work / "zero3_cpu_large.json"}
 model: {{llm: {llm}, chat_template: chatml, vision_dim: 1152, num_visual_tokens: 64}}
 data: {{synthetic: 64, max_len: 256, num_workers: 0}}
 micro_batch_size: 1
@@ -167,6 +176,7 @@ def _cut_at(src: Path, dst: Path, step: int) -> None:
     copied (the resumed run appends to its metrics)."""
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=lambda d, names: ["checkpoints"] if Path(d) == src else [])
+    (dst / "checkpoints").mkdir()
     for ckpt in (src / "checkpoints").iterdir():
         if not ckpt.name.startswith("step-"):
             shutil.copy2(ckpt, dst / "checkpoints" / ckpt.name) if ckpt.is_file() else None

@@ -24,6 +24,9 @@ class GridOutput:
 class GridJob:
     ray_address: str | None = None
     """Ray cluster to use; default: RAY_ADDRESS, else a local Ray."""
+    optimum: bool = False
+    """After the grid, run the mixing laws' best split of optimum.budget as one more cell (every seed)
+    and report its predicted against its measured metrics."""
 
 
 def plan_grid(spec: GridSpec) -> str:
@@ -48,13 +51,27 @@ def _out(spec: GridSpec, where: GridOutput) -> Path:
 
 
 def write_grid_report(spec: GridSpec, out: Path) -> dict:
+    import numpy as np
+
     from vpit.grid.report import write_report
-    from vpit.grid.run import collect_rows
+    from vpit.grid.run import collect_optimum, collect_rows, law_metrics
 
     rows, failed = collect_rows(out, spec)
     if not rows:
         raise ConfigError(f"{out}: no finished cell yet; run `vpit grid run` first")
-    files = write_report(out / "report", rows, list(spec.axes), {a: list(v) for a, v in spec.axes.items()}, failed)
+    opt = collect_optimum(out)
+    measured = {k: float(np.mean([r[k] for r in opt])) for k in (opt[0] if opt else {}) if isinstance(opt[0][k], float)}
+    optimum = {"budget": spec.optimum.budget, "weight": spec.optimum.weight, "measured": measured or None}
+    und, gen = law_metrics(spec, rows)
+    files = write_report(
+        out / "report",
+        rows,
+        list(spec.axes),
+        {a: list(v) for a, v in spec.axes.items()},
+        failed,
+        optimum=optimum,
+        law_metrics=(und, gen) if und and gen else None,
+    )
     (out / "report" / "files.json").write_text(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
     return files
 
@@ -63,7 +80,34 @@ def _print_report(spec: GridSpec, out: Path) -> None:
     report = write_grid_report(spec, out)
     print(
         f"report    {report['markdown']}  ({len(expand(spec))} cells; results.csv, "
-        f"{sum(1 for k in report if k.startswith('heatmap:'))} heatmaps)"
+        f"{sum(1 for k in report if k.startswith('heatmap:'))} heatmaps"
+        + (", laws.json, pareto.png" if "laws" in report else "")
+        + ")"
+    )
+    text = report["markdown"].read_text(encoding="utf-8")
+    if "## Findings" in text:
+        print("findings")
+        print(
+            "\n".join(
+                "  " + line[2:] for line in text.split("## Findings", 1)[1].split("\n## ")[0].splitlines() if line
+            )
+        )
+
+
+def run_optimum(spec: GridSpec, out: Path, ray_address: str | None) -> str:
+    """Fit the laws on the finished cells, run their best split as one more cell per seed."""
+    from vpit.grid.run import collect_rows, optimum_cells, run_grid
+    from vpit.mixtures import load_spec, make_plan
+
+    rows, _ = collect_rows(out, spec)
+    best, cells = optimum_cells(spec, rows)
+    make_plan(load_spec(spec.base, cells[0].overrides))  # infeasible: says so before training
+    result = run_grid(spec, out, ray_address=ray_address, cells=cells)
+    return (
+        f"optimum   {', '.join(f'{a} = {n:,}' for a, n in best.counts.items())} of {best.budget:,} for "
+        f"{best.objective}; predicted "
+        + ", ".join(f"{m} {v:.3f}" for m, v in best.predicted.items())
+        + f"\n{result.summary()}"
     )
 
 
@@ -73,6 +117,8 @@ def _run(spec: GridSpec, where: GridOutput, job: GridJob) -> None:
     plan_grid(spec)  # an infeasible cell fails here, before anything trains
     out = _out(spec, where)
     print(run_grid(spec, out, ray_address=job.ray_address).summary())
+    if job.optimum:
+        print(run_optimum(spec, out, job.ray_address))
     _print_report(spec, out)
 
 

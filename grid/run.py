@@ -39,7 +39,7 @@ from typing import Any
 from vpit.common import init_ray, save_json_atomic, subprocess_env, vpit_argv
 from vpit.grid.spec import Cell, GridSpec, expand
 
-__all__ = ["GridRun", "collect_rows", "run_grid", "train_and_eval_cell"]
+__all__ = ["GridRun", "collect_optimum", "collect_rows", "optimum_cells", "run_grid", "train_and_eval_cell"]
 
 STOP = "STOP"
 
@@ -137,7 +137,43 @@ def collect_rows(out: Path, spec: GridSpec) -> tuple[list[dict[str, Any]], list[
     return rows, failed
 
 
-def run_grid(spec: GridSpec, out: str | Path, *, ray_address: str | None = None, progress: bool = True) -> GridRun:
+def law_metrics(spec: GridSpec, rows: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    from vpit.grid.report import key_metrics
+
+    und, gen = key_metrics(rows)
+    return spec.optimum.understanding or und, spec.optimum.generation or gen
+
+
+def optimum_cells(spec: GridSpec, rows: list[dict[str, Any]]) -> tuple[Any, list[Cell]]:
+    """The mixing laws' best split of the budget, as one cell per seed (ids optimum_...)."""
+    from vpit.errors import ConfigError
+    from vpit.grid import law as L
+
+    axes = list(spec.axes)
+    und, gen = law_metrics(spec, rows)
+    if len(axes) != 2 or not (und and gen):
+        raise ConfigError("--optimum needs a grid over two count axes with an understanding and a generation metric")
+    laws = (L.fit_law(rows, axes, und), L.fit_law(rows, axes, gen))
+    budget = spec.optimum.budget or max(sum(L.axis_counts([r[a] for a in axes], "axes")) for r in rows)
+    best = L.optimum(laws, int(budget), spec.optimum.weight)
+    label = "_".join(f"{a.split('.')[-2] if '.' in a else a}={n}" for a, n in best.counts.items())
+    return best, [Cell(id=f"optimum_{label}_s{seed}", values=dict(best.counts), seed=seed) for seed in spec.seeds]
+
+
+def collect_optimum(out: Path) -> list[dict[str, Any]]:
+    """Results of the optimum's cells (`vpit grid run --optimum`), if any."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("cells/optimum_*/result.json"))]
+
+
+def run_grid(
+    spec: GridSpec,
+    out: str | Path,
+    *,
+    ray_address: str | None = None,
+    progress: bool = True,
+    cells: list[Cell] | None = None,
+) -> GridRun:
+    """Run every unfinished cell of `spec` (or the given `cells`) as Ray tasks."""
     import ray
     from tqdm import tqdm
 
@@ -146,7 +182,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, ray_address: str | None = None,
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / STOP).unlink(missing_ok=True)  # a re-run after a pre-emption resumes
     (out / "grid.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1, default=str) + "\n")
-    cells = expand(spec)
+    cells = expand(spec) if cells is None else cells
     skipped = [c.id for c in cells if (out / "cells" / c.id / "result.json").is_file()]
     todo = [c for c in cells if c.id not in skipped]
     finished, failed, stopped = [], {}, []

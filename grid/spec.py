@@ -9,6 +9,7 @@
     seeds: [0, 1]                           # repeats: the mixture and training seed
     eval: {suite: [understanding, generation], every_steps: 0}
     resources: {num_cpus: 1, num_gpus: 0}   # what each cell's Ray task asks for
+    optimum: {budget: 5M, weight: 0.5}      # the mixing law's best split of 5M samples
 
 Expansion is the cartesian product in axis order, then seeds; each cell has a stable,
 readable id that names its folder, so a re-run finds the cells it already finished.
@@ -24,8 +25,9 @@ from typing import Any, Literal
 
 from vpit.config import load, path_field
 from vpit.errors import ConfigError
+from vpit.mixtures.spec import parse_count
 
-__all__ = ["Cell", "GridEval", "GridResources", "GridSpec", "expand", "load_grid"]
+__all__ = ["Cell", "GridEval", "GridOptimum", "GridResources", "GridSpec", "expand", "load_grid"]
 
 SUITES = ("understanding", "generation")
 
@@ -57,6 +59,26 @@ class GridResources:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GridOptimum:
+    budget: int | str | None = None
+    """Total samples of the two count axes to split, e.g. 5M (`vpit grid run --optimum`); default: the
+    largest cell's."""
+    weight: float = 0.5
+    """Weight of the understanding metric in the objective; the generation metric gets the rest."""
+    understanding: str | None = None
+    """Understanding metric of the law and the Pareto front; default: understanding/exact_match."""
+    generation: str | None = None
+    """Generation metric; default: generation/judge/colour_at_position when shapes-world prompts were
+    judged, else generation/cosine."""
+
+    def __post_init__(self):
+        if self.budget is not None:
+            object.__setattr__(self, "budget", parse_count(self.budget, "optimum.budget"))
+        if not 0 <= self.weight <= 1:
+            raise ConfigError(f"optimum.weight: expected a number in [0, 1], got {self.weight}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GridSpec:
     name: str
     """Grid name: the default output folder is `<name>-grid` beside the grid YAML."""
@@ -72,6 +94,8 @@ class GridSpec:
     """What each cell evaluates, and when."""
     resources: GridResources = dataclasses.field(default_factory=GridResources)
     """What each cell's Ray task reserves."""
+    optimum: GridOptimum = dataclasses.field(default_factory=GridOptimum)
+    """The mixing law's objective and budget (`vpit grid report`, `vpit grid run --optimum`)."""
 
     def __post_init__(self):
         problems = []

@@ -21,7 +21,7 @@ from vpit.errors import ConfigError
 from vpit.model.chat_template import ImageTokens, encode_messages, get_template
 from vpit.model.vpit import VPiTModel
 
-__all__ = ["Generation", "encode_prompt", "generate", "render_generation", "save_images"]
+__all__ = ["Generation", "encode_for_image", "encode_prompt", "generate", "render_generation", "save_images"]
 
 
 @dataclasses.dataclass
@@ -67,6 +67,37 @@ def encode_prompt(
     else:
         visual = np.zeros((0, cfg.vision_dim), np.float32)
     return torch.from_numpy(enc.input_ids)[None], torch.from_numpy(visual)
+
+
+def encode_for_image(
+    model: VPiTModel,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    target: int,
+    input_tokens: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conversation exactly as training encodes it, cut just before the `<image_start>` of the
+    assistant's image `target`: the prompt, the assistant header and the assistant's text before
+    the image ("Here is an image based on your request:"), teacher-forced. Generating from here
+    with `force_image` asks for the image where training put it. Returns (ids (1, T), the visual
+    tokens of the input images before the cut (slots, d))."""
+    from vpit.model.chat_template import VISUAL_SLOT
+
+    cfg = model.config
+    image = ImageTokens(cfg.image_start_id, cfg.image_end_id, cfg.num_visual_tokens)
+    enc = encode_messages(messages, tokenizer, get_template(cfg.chat_template), image)
+    slots = np.flatnonzero(enc.vision_target & (enc.image_of_slot == target))
+    if not len(slots):
+        raise ConfigError(f"image {target} is not a target of an assistant turn of these messages")
+    cut = int(slots[0]) - 1  # the <image_start> before the target's first slot
+    before = [i for i in enc.images[: int(np.sum(enc.input_ids[:cut] == VISUAL_SLOT)) // cfg.num_visual_tokens]]
+    if before:
+        if input_tokens is None:
+            raise ConfigError("the conversation has input images before the target but no input tokens were given")
+        visual = np.asarray(input_tokens, np.float32)[before].reshape(-1, cfg.vision_dim)
+    else:
+        visual = np.zeros((0, cfg.vision_dim), np.float32)
+    return torch.from_numpy(enc.input_ids[:cut])[None], torch.from_numpy(visual)
 
 
 @torch.no_grad()

@@ -111,21 +111,35 @@ class GenerateConfig:
     max_new_tokens: int = 128
     """Tokens to generate at most."""
     image: bool = False
-    """Start the answer with an image (force <image_start>)."""
+    """Answer with an image where training puts it: the assistant's words before the image
+    (--prefix) are fed as given, then <image_start> is forced."""
+    prefix: str | None = None
+    """With --image, the assistant's text before the image; default: the generation template's
+    ("Here is an image based on your request:", what every generation sample trained on)."""
     output: str = path_field("generated")
     """Folder for the .npy files of generated visual tokens."""
 
 
 def _generate(cfg: GenerateConfig) -> None:
     from vpit.model.chat_template import get_template, stop_ids
-    from vpit.model.generate import encode_prompt, generate, render_generation, save_images
+    from vpit.model.generate import encode_for_image, encode_prompt, generate, render_generation, save_images
     from vpit.train.export import load_any
 
     model, tok = load_any(cfg.checkpoint)
-    ids, vis = encode_prompt(model, tok, [{"role": "user", "content": [{"text": cfg.prompt}]}])
+    user = {"role": "user", "content": [{"text": cfg.prompt}]}
     stops = stop_ids(tok, get_template(model.config.chat_template))
+    shown = ""
+    if cfg.image:  # teacher-force the template's words, then the image, as training laid it out
+        from vpit.pipelines.templates import load_templates
+
+        prefix = cfg.prefix if cfg.prefix is not None else load_templates().assistant("generation")
+        answer = {"role": "assistant", "content": ([{"text": prefix}] if prefix else []) + [{"image": 0}]}
+        ids, vis = encode_for_image(model, tok, [user, answer], 0)
+        shown = prefix + " "
+    else:
+        ids, vis = encode_prompt(model, tok, [user])
     gen = generate(model, ids, vis, max_new_tokens=cfg.max_new_tokens, stop_ids=stops, force_image=cfg.image)
-    print(render_generation(gen, tok, save_images(gen, cfg.output)))
+    print(shown + render_generation(gen, tok, save_images(gen, cfg.output)))
 
 
 generate = Command(

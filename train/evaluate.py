@@ -3,10 +3,18 @@ generation (visual tokens against their cached targets).
 
 Items are mixture items (record + cached tokens) that the mixture never trains on (the
 spec's held-out split). Understanding: the prompt is every turn before the first assistant
-turn, the answer is that turn's text; greedy decoding, exact match after normalisation, and
-multiple-choice accuracy for records that carry `choices` and `answer_index`. Generation:
-the prompt is the user turn; the model is asked for one image; its m tokens are compared
-with the target's cached tokens (cosine, retrieval among candidates, Fréchet distance).
+turn, the answer is that turn's text; greedy decoding, exact match after normalisation (per
+question type too, for shapes-world questions), and multiple-choice accuracy for records
+that carry `choices` and `answer_index`.
+
+Generation follows the template: the conversation is teacher-forced exactly as training
+encoded it up to the target image (the user turn, the assistant header and the assistant's
+"Here is an image based on your request:"), then the image is asked for; its m tokens are
+compared with the target's cached tokens (cosine, retrieval among candidates, Fréchet
+distance) and, for shapes-world captions, read by the token judge (`vpit.judge`: background,
+colour at position, shape, exact scene, each beside its chance level). A second, free pass
+lets the model answer the bare prompt on its own for `FREE_BUDGET` tokens: how often it emits
+`<image_start>` by itself is `generation/free_rate`.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ import numpy as np
 import torch
 
 from vpit.errors import ConfigError
+from vpit.judge import chance, question_type, score
 from vpit.model.chat_template import ImageTokens, get_template, stop_ids
-from vpit.model.generate import encode_prompt, generate
+from vpit.model.generate import encode_for_image, encode_prompt, generate
 from vpit.records import Message, Record, StreamItem
+from vpit.shapes import parse_caption
 from vpit.train.collate import Collator
 from vpit.train.metrics import (
     exact_match,
@@ -38,6 +48,7 @@ __all__ = [
     "evaluate_run",
     "evaluate_sharded",
     "heldout_for",
+    "judge_for",
     "score_items",
     "split_prompt",
     "summarize",
@@ -45,6 +56,7 @@ __all__ = [
 ]
 
 UNDERSTANDING_KINDS = ("understanding", "text", "video")
+FREE_BUDGET = 24  # tokens the model may take, answering a generation prompt freely, before <image_start>
 
 
 def split_prompt(record: Record) -> tuple[list[Message], Message] | None:
@@ -122,29 +134,44 @@ def score_items(
         g = generate(model, ids, vis, max_new_tokens=max_new_tokens, stop_ids=stop, lockstep=lockstep)
         text = tokenizer.decode([t for t in g.token_ids if t >= 0 and t not in stop], skip_special_tokens=True)
         row = {"kind": "understanding", "source": item["source"], "id": item["id"], "text_loss": loss}
+        question = next(
+            (p["text"] for m in reversed(prompt) if m["role"] == "user" for p in m["content"] if "text" in p), ""
+        )
+        row["qtype"] = question_type(question)
         if "choices" in rec and "answer_index" in rec:
             row["mc"] = multiple_choice_correct(text, rec["choices"], rec["answer_index"])
         else:
             row["em"] = exact_match(text, _answer_text(answer))
         results.append(row)
     for item in gen:
-        prompt, answer = split_prompt(item["record"])
-        ids, vis = encode_prompt(model, tokenizer, prompt, item["tokens"])
+        rec = item["record"]
+        prompt, answer = split_prompt(rec)
+        target = _target_image(answer)
+        # the image where training put it: after the assistant's own words, teacher-forced
+        ids, vis = encode_for_image(model, tokenizer, [*prompt, answer], target, item["tokens"])
         g = generate(model, ids, vis, max_new_tokens=cfg.num_visual_tokens + 2, force_image=True, lockstep=lockstep)
+        # and on its own: does the model start an image within FREE_BUDGET tokens of the bare prompt?
+        ids, vis = encode_prompt(model, tokenizer, prompt, item["tokens"])
+        free = generate(model, ids, vis, max_new_tokens=FREE_BUDGET, stop_ids=stop, lockstep=lockstep)
         results.append(
             {
                 "kind": "generation",
                 "source": item["source"],
                 "id": item["id"],
                 "generated": g.images[0],
-                "target": np.asarray(item["tokens"][_target_image(answer)], np.float32),
+                "target": np.asarray(item["tokens"][target], np.float32),
+                "free_image": cfg.image_start_id in free.token_ids,
+                "scene": parse_caption(rec.get("caption", "")) if isinstance(rec.get("caption"), str) else None,
             }
         )
     return results
 
 
-def summarize(results: list[dict[str, Any]], suite: tuple[str, ...], n_candidates: int = 16) -> dict[str, Any]:
-    """The metrics of a list of results: `understanding/...`, `generation/...` and counts."""
+def summarize(
+    results: list[dict[str, Any]], suite: tuple[str, ...], n_candidates: int = 16, judge: Any = None
+) -> dict[str, Any]:
+    """The metrics of a list of results: `understanding/...`, `generation/...` and counts. With a
+    `TokenJudge`, generated tokens of shapes-world captions are read and graded too."""
     out: dict[str, Any] = {}
     und = [r for r in results if r["kind"] == "understanding"]
     if "understanding" in suite:
@@ -152,6 +179,12 @@ def summarize(results: list[dict[str, Any]], suite: tuple[str, ...], n_candidate
         mc = [r["mc"] for r in und if "mc" in r]
         if em:
             out["understanding/exact_match"] = float(np.mean(em))
+        by_type = defaultdict(list)
+        for r in und:
+            if "em" in r and r.get("qtype"):
+                by_type[r["qtype"]].append(r["em"])
+        for qtype, vals in sorted(by_type.items()):
+            out[f"understanding/exact_match/{qtype}"] = float(np.mean(vals))
         if mc:
             out["understanding/mc_accuracy"] = float(np.mean(mc))
         losses = defaultdict(list)
@@ -169,8 +202,38 @@ def summarize(results: list[dict[str, Any]], suite: tuple[str, ...], n_candidate
             out["generation/retrieval"] = retrieval_accuracy(g, t, n_candidates=min(n_candidates, len(g)))
             if len(g) > 2:
                 out["generation/frechet"] = frechet_distance(g, t)
+            out["generation/free_rate"] = float(np.mean([r["free_image"] for r in gens]))
+            judged = [r for r in gens if r.get("scene") is not None]
+            if judge is not None and judged:
+                metrics = score([judge.read(r["generated"]) for r in judged], [r["scene"] for r in judged])
+                out.update({f"generation/judge/{k}": v for k, v in metrics.items()})
+                out.update({f"generation/judge/{k}/chance": v for k, v in chance().items()})
+                out["n_judged"] = len(judged)
         out["n_generation"] = len(gens)
     return out
+
+
+def judge_for(spec: Any, items: list[StreamItem]) -> Any:
+    """The shapes-world token judge for `spec`'s token cache, or None: when no held-out generation
+    item has a shapes-world caption, or the cache's encoder cannot be loaded here."""
+    if spec.cache is None or not any(
+        it["record"]["kind"] == "generation" and parse_caption(str(it["record"].get("caption", ""))) for it in items
+    ):
+        return None
+    from vpit.judge import TokenJudge
+    from vpit.model.encoder import EncoderConfig, load_encoder
+    from vpit.pipelines.token_cache import cache_dir
+
+    info = json.loads((cache_dir(spec.sources[0].path, spec.cache) / "fingerprint.json").read_text(encoding="utf-8"))
+    s = info["settings"]
+    keys = ("layer", "pooling", "tokens", "normalize", "dtype", "compute_dtype")
+    try:
+        encoder = load_encoder(
+            EncoderConfig(encoder=info["encoder"], revision=info.get("revision"), **{k: s[k] for k in keys})
+        )
+    except ConfigError:  # e.g. a hub model that is not in this machine's cache
+        return None
+    return TokenJudge(encoder.encode) if encoder.fingerprint() == spec.cache else None
 
 
 def evaluate_items(
@@ -181,6 +244,7 @@ def evaluate_items(
     max_new_tokens: int = 16,
     n_candidates: int = 16,
     max_len: int = 1024,
+    judge: Any = None,
 ) -> dict[str, Any]:
     """Metrics over held-out `items` in one process: a flat dict of `understanding/...` and
     `generation/...` keys."""
@@ -188,7 +252,10 @@ def evaluate_items(
     t0 = time.perf_counter()
     und, gen = _tasks(items, suite)
     out = summarize(
-        score_items(model, tokenizer, und, gen, max_new_tokens=max_new_tokens, max_len=max_len), suite, n_candidates
+        score_items(model, tokenizer, und, gen, max_new_tokens=max_new_tokens, max_len=max_len),
+        suite,
+        n_candidates,
+        judge,
     )
     out["eval_seconds"] = time.perf_counter() - t0
     return out
@@ -213,6 +280,7 @@ def evaluate_sharded(
     max_new_tokens: int = 16,
     n_candidates: int = 16,
     max_len: int = 1024,
+    judge: Any = None,
 ) -> dict[str, Any]:
     """`evaluate_items` with the items shared among ranks, on the live (ZeRO-3) model: each rank
     scores its share in lockstep, rank 0 gathers the results and summarises (others get {})."""
@@ -229,7 +297,7 @@ def evaluate_sharded(
         return {}
     order = {it["id"]: k for k, it in enumerate(und + gen)}  # the single-process order, whatever the world
     merged = sorted((r for part in gathered for r in part), key=lambda r: order[r["id"]])
-    out = summarize(merged, suite, n_candidates)
+    out = summarize(merged, suite, n_candidates, judge)
     out["eval_seconds"] = time.perf_counter() - t0
     return out
 
@@ -274,7 +342,9 @@ def evaluate_run(
     spec = load_spec(cfg["data"]["mixture"], cfg["data"].get("mixture_overrides") or None)
     items = heldout_items(spec, max_per_source=max_per_source)
     model, tokenizer = load_checkpoint_model(ckpt)
-    metrics = evaluate_items(model, tokenizer, items, suite=suite, max_len=cfg["data"].get("max_len", 1024))
+    metrics = evaluate_items(
+        model, tokenizer, items, suite=suite, max_len=cfg["data"].get("max_len", 1024), judge=judge_for(spec, items)
+    )
     if step is None:
         step = read_state(ckpt).step
     write_eval(run_dir, step, metrics)

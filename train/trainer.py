@@ -132,6 +132,7 @@ class Trainer:
         self.peak = peak_flops(cfg.peak_tflops, self.dist.device)
         self.log = RunLog(self.run_dir, self.dist.rank, cfg.loggers, to_plain(cfg))
         self._heldout: list | None = None
+        self._judge: Any = None  # the shapes-world token judge (False: none applies), made at the first evaluation
         if (cfg.eval_every or cfg.eval_at_end) and cfg.data.mixture:  # no held-out split: fail now, not at the end
             from vpit.train.evaluate import heldout_for
 
@@ -278,10 +279,15 @@ class Trainer:
     def evaluate(self) -> dict[str, Any] | None:
         """Evaluate the live model on the held-out split, the items shared among ranks; rank 0
         writes RUN/eval/step-N.json. Every rank calls this (the forward passes are collective)."""
-        from vpit.train.evaluate import evaluate_sharded, heldout_for
+        from vpit.train.evaluate import evaluate_sharded, heldout_for, judge_for
 
         if self._heldout is None:  # the same items at every evaluation: read once per run
             self._heldout = heldout_for(self.cfg)
+        if self._judge is None and self.dist.rank == 0:  # only rank 0 summarises
+            from vpit.mixtures import load_spec
+
+            spec = load_spec(self.cfg.data.mixture, dict(self.cfg.data.mixture_overrides) or None)
+            self._judge = judge_for(spec, self._heldout) or False
         self.engine.eval()
         metrics = evaluate_sharded(
             self.engine.module,
@@ -291,6 +297,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             max_len=self.cfg.data.max_len,
+            judge=self._judge or None,
         )
         self.engine.train()
         if self.dist.rank == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,6 +24,7 @@ __all__ = [
     "Scene",
     "caption",
     "encode_image",
+    "parse_caption",
     "questions",
     "random_edit",
     "random_scene",
@@ -87,6 +89,28 @@ def caption(scene: Scene) -> str:
     things = [f"a {color} {shape} in the {quadrant}" for shape, color, quadrant in scene.shapes]
     listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
     return f"{listed} on a {scene.background} background"
+
+
+_THING = re.compile(r"^a (\w+) (circle|square|triangle) in the (top left|top right|bottom left|bottom right)$")
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a `caption` describes, or None for any other text (the inverse of `caption`)."""
+    listed, sep, background = text.strip().rpartition(" on a ")
+    background = background.removesuffix(" background")
+    if not sep or background not in BACKGROUNDS:
+        return None
+    head, _, last = listed.rpartition(" and ")
+    parts = [p for p in head.split(", ") if p] + [last] if head else [listed]
+    shapes = []
+    for part in parts:
+        m = _THING.match(part)
+        if m is None or m.group(1) not in COLORS:
+            return None
+        shapes.append((m.group(2), m.group(1), m.group(3)))
+    if len({q for _, _, q in shapes}) != len(shapes):
+        return None
+    return Scene(background=background, shapes=tuple(shapes))
 
 
 def questions(scene: Scene) -> list[tuple[str, str]]:
