@@ -202,12 +202,19 @@ def serve_http(root: Path, delay_s: float = 0.0):
 
 
 def write_pairs(
-    out: Path, n: int, base_url: str, seed: int = 0, size: int = 64, fmt: str = "parquet", bad: bool = True
+    out: Path,
+    n: int,
+    base_url: str,
+    seed: int = 0,
+    size: int = 64,
+    fmt: str = "parquet",
+    bad: bool = True,
+    image_formats: tuple[str, ...] = ("PNG", "JPEG"),
 ) -> dict[str, Any]:
     """Write `n` captioned images under `out/www` and a URL list (`out/urls.parquet` or `.csv`)
-    pointing at `base_url` (serve `out/www` there). With `bad`, one URL per `BAD_PAIR_CASES`
-    follows the good ones. Returns {"url_list", "www", "captions", "urls"}, the last two aligned
-    with the rows of the list."""
+    pointing at `base_url` (serve `out/www` there), the images in turn in each of `image_formats`.
+    With `bad`, one URL per `BAD_PAIR_CASES` follows the good ones. Returns {"url_list", "www",
+    "captions", "urls"}, the last two aligned with the rows of the list."""
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
@@ -217,7 +224,8 @@ def write_pairs(
     urls, captions = [], []
     for i in range(n):
         scene = random_scene(rng)
-        ext, fmt_img = ("jpg", "JPEG") if i % 2 else ("png", "PNG")
+        fmt_img = image_formats[i % len(image_formats)]
+        ext = {"PNG": "png", "JPEG": "jpg"}[fmt_img]
         (www / "img" / f"{i:06d}.{ext}").write_bytes(encode_image(render(scene, size), fmt_img))
         urls.append(f"{base_url}/img/{i:06d}.{ext}")
         captions.append(caption(scene))

@@ -18,7 +18,7 @@ __all__ = ["DEMO_DECODER", "decoder_stage"]
 DEMO_DECODER = DecoderConfig(width=64, layers=2, heads=2, patch_size=8, projector_hidden=128)
 
 
-def decoder_stage(out: str | Path, steps: int = 400, dataset: str = "understanding") -> dict[str, Any]:
+def decoder_stage(out: str | Path, steps: int = 400, dataset: str = "generation") -> dict[str, Any]:
     out = Path(out)
     root = out / "datasets" / dataset
     fingerprints = available_fingerprints(root)

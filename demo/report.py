@@ -136,9 +136,12 @@ def _evaluate(facts: dict[str, Any]) -> Section:
         "6. Evaluation on the held-out split",
         (
             Para(
-                "Understanding: greedy answers, exact match after normalisation, and text loss per source. "
-                "Generation: the model's visual tokens against the true image's cached tokens (mean cosine, "
-                "retrieval among the held-out images, Fréchet distance in token space)."
+                "Understanding: greedy answers, exact match after normalisation (overall and per kind of question), "
+                "and text loss per source. Generation, asked for where training puts the image (after the "
+                "assistant's own words): the model's visual tokens against the true image's cached tokens (mean "
+                "cosine, retrieval among the held-out images, Fréchet distance in token space), the judge's reading "
+                "of them with each metric's chance level, and how often the model starts an image by itself "
+                "(free_rate)."
             ),
             Table(("metric", "value"), rows),
         ),
@@ -148,24 +151,59 @@ def _evaluate(facts: dict[str, Any]) -> Section:
 def _grid(facts: dict[str, Any]) -> Section:
     g = facts["grid"]
     axes = list(g["axes"])
-    heatmaps = [(k.split(":", 1)[1], Path(v)) for k, v in g["files"].items() if k.startswith("heatmap:")]
-    metrics = [k for k, _ in heatmaps]
-    rows = tuple(tuple(r.get(c, "") for c in axes) + tuple(_num(r.get(m, "")) for m in metrics) for r in g["rows"])
+    files = {k: Path(v) for k, v in g["files"].items()}
+    heatmaps = [(k.split(":", 1)[1], p) for k, p in files.items() if k.startswith("heatmap:")]
+    key = [
+        m for m in ("understanding/exact_match", "generation/judge/background", "generation/judge/colour_at_position")
+    ]
+    first = [(m, p) for m, p in heatmaps if m in key]
+    rest = [(m, p) for m, p in heatmaps if m not in key]
+    metrics = [m for m, _ in heatmaps]
+    rows = tuple(
+        tuple(r.get(c, "") for c in axes) + (r.get("seed", ""),) + tuple(_num(r.get(m, "")) for m in metrics)
+        for r in g["rows"]
+    )
     blocks: list = [
         Para(
-            f"`{Path(g['grid']).name}`: {len(g['rows'])} cells, each a tiny model trained {g['steps']} steps and "
-            f"evaluated on the held-out split as a Ray task; axes "
+            f"`{Path(g['grid']).name}`: {len(g['rows'])} runs, seeds {g['seeds']} of every cell: a small model "
+            "trained one pass over the cell's mixture, then evaluated on the held-out split (the judge reads the "
+            "generated tokens of shapes-world prompts) as a Ray task; axes "
             + " x ".join(f"`{a}` {g['axes'][a]}" for a in axes)
-            + ". Rows of each heatmap are the "
-            "first axis, columns the second (MetaMorph's Figure 7 layout)."
+            + ". Rows of each heatmap are the first axis, columns the second (MetaMorph's Figure 7 layout); each "
+            "cell shows the mean over seeds and, under it, their standard deviation."
         ),
-        *[Figure(p, name, 300) for name, p in heatmaps],
     ]
-    if "correlation" in g["files"]:
+    if g.get("findings"):
+        blocks += [Para("What the grid says, computed from its numbers:"), *[Para("- " + f) for f in g["findings"]]]
+    blocks += [Figure(p, name, 330) for name, p in first]
+    if g.get("law"):
         blocks.append(
-            Figure(Path(g["files"]["correlation"]), "understanding vs generation metrics across cells (Pearson r)", 900)
+            Table(
+                ("metric", "mixing law (fitted over every cell and seed)", "leave-one-cell-out RMSE", "seed sd"),
+                tuple((m, v["describe"], f"{v['rmse']:.4f}", f"{v['seed_sd']:.4f}") for m, v in g["law"].items()),
+            )
         )
-    blocks.append(Table(tuple(a.split(".")[-2] for a in axes) + tuple(metrics), rows))
+    opt = g.get("optimum") or {}
+    if opt.get("counts"):
+        measured = opt.get("measured") or {}
+        blocks.append(
+            Para(
+                "The laws' best split of the largest cell's budget: "
+                + ", ".join(f"`{a}` {n:,}" for a, n in opt["counts"].items())
+                + ". Predicted against measured (mean of its seeds, run as one more cell): "
+                + "; ".join(
+                    f"{m} {p:.3f} vs {measured[m]:.3f}" if m in measured else f"{m} {p:.3f} (not run)"
+                    for m, p in opt["predicted"].items()
+                )
+                + "."
+            )
+        )
+    if "pareto" in files:
+        blocks.append(Figure(files["pareto"], "Pareto front: understanding vs generation, cells and the law", 620))
+    blocks += [Figure(p, name, 300) for name, p in rest]
+    if "correlation" in files:
+        blocks.append(Figure(files["correlation"], "understanding vs generation metrics across runs (Pearson r)", 900))
+    blocks.append(Table(tuple(a.split(".")[-2] for a in axes) + ("seed",) + tuple(metrics), rows))
     if g["failed"]:
         blocks.append(Para("Failed cells: " + ", ".join(f["cell"] for f in g["failed"])))
     return Section("7. Mixture grid", tuple(blocks))
@@ -208,24 +246,34 @@ def _gallery(facts: dict[str, Any]) -> Section:
                 ("generated: VPiT tokens -> decoder", Path(r["generated"])),
                 ("decoder on the true image's tokens", Path(r["from_true_tokens"])),
             ),
-            note=f"token cosine to its own true image {r['cos_own']:.3f}, to the other prompts' {r['cos_others']:.3f}",
+            note="judge: " + r["verdict"],
         )
         for r in g["rows"]
     )
+    chance = s["chance"]
+    table = tuple(
+        (what,) + tuple(f"{s[key][m]:.0%}" for m in chance)
+        for what, key in (
+            ("generated, decoded to pixels", "judge"),
+            ("generated tokens, read directly", "judge_tokens"),
+            ("true image's tokens, decoded (the decoder's ceiling)", "judge_true_tokens_decoded"),
+        )
+    ) + (("chance (a uniform random reading)",) + tuple(f"{v:.0%}" for v in chance.values()),)
     return Section(
-        "9. Images from unseen prompts",
+        "9. Images from unseen prompts, judged",
         (
             Para(
-                "Captions of scenes that appear nowhere in the training data. The trained model generates 64 visual "
-                "tokens for each; the decoder turns them into pixels. Beside them: the scene rendered by shapes_world, "
-                "and the decoder applied to that true image's own tokens (the best a VPiT model could hand it)."
+                f"Captions of {s['prompts']} scenes that appear nowhere in the training data. The trained model "
+                f"generates {facts['precompute']['m']} visual tokens for each, after its template's words, as in "
+                "training; the decoder turns them into pixels, and the judge reads the picture: the background, and "
+                "in each quadrant the colour and kind of shape. Beside them: the scene rendered by shapes_world, and "
+                "the decoder applied to that true image's own tokens (the best a VPiT model could hand it)."
             ),
+            Table(("judged", *(m.replace("_", " ") for m in chance)), table),
             Gallery(rows),
             Para(
                 f"Generated tokens vs the true image's tokens: mean cosine {s['cos_own']:.3f} to their own prompt's, "
-                f"{s['cos_others']:.3f} to the other prompts'; {s['closer_to_own']} of {s['prompts']} are closer to "
-                "their own. A tiny model trained for a minute on CPU learns little of the prompt; the right-hand "
-                "column shows the decoder itself works."
+                f"{s['cos_others']:.3f} to the other prompts'."
             ),
         ),
     )

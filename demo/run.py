@@ -27,22 +27,27 @@ __all__ = ["QUICK", "DemoConfig", "run_demo"]
 class DemoConfig:
     samples: int = 400
     """Shapes-world LLaVA records (understanding) to generate."""
-    pairs: int = 160
-    """Captioned images served over localhost for img2dataset (generation)."""
+    pairs: int = 2400
+    """Captioned images served over localhost for img2dataset (generation): the model learns to draw
+    from these, and unseen prompts need a couple of thousand."""
     clips: int = 12
     """Video clips of a moving shape (video prediction and video QA)."""
     edits: int = 40
     """Editing triplets."""
-    train_steps: int = 250
-    """Optimizer steps of the demo VPiT model."""
+    train_steps: int = 1000
+    """Optimizer steps of the demo VPiT model (16 samples each)."""
     eval_per_source: int = 32
     """Held-out samples per source that stage 6 evaluates."""
-    grid_steps: int = 30
-    """Optimizer steps of each grid cell's model."""
-    decoder_steps: int = 400
-    """Diffusion decoder steps."""
+    grid_values: int = 3
+    """Values per grid axis (a quarter, a half and all of each group's amount)."""
+    grid_seeds: int = 2
+    """Seeds per grid cell (model init and data order): the spread the heatmaps show."""
+    decoder_steps: int = 1200
+    """Diffusion decoder steps (1,000 and more read back most colours from true tokens; 400, a third)."""
     prompts: int = 6
-    """Unseen prompts in the gallery."""
+    """Unseen prompts shown in the gallery."""
+    judged: int = 48
+    """Unseen prompts generated, decoded and judged (the judge's numbers)."""
     workers: int | None = None
     """Ray workers for ingest; default: the CPUs of the Ray cluster."""
 
@@ -58,6 +63,8 @@ class DemoConfig:
             bad.append(f"pairs: expected >= 10, got {self.pairs}")
         if self.prompts < 2:
             bad.append(f"prompts: expected >= 2 (each is compared with the others), got {self.prompts}")
+        if self.grid_values < 2:
+            bad.append(f"grid_values: expected >= 2 (a law needs two amounts per axis), got {self.grid_values}")
         if bad:
             raise ConfigError("invalid demo settings:\n  " + "\n  ".join(bad))
 
@@ -70,14 +77,15 @@ class DemoConfig:
 # `vpit demo --quick`: less data, fewer steps; the same stages and files.
 QUICK = {
     "samples": 160,
-    "pairs": 30,
+    "pairs": 400,
     "clips": 6,
     "edits": 20,
-    "train_steps": 30,
+    "train_steps": 150,
     "eval_per_source": 8,
-    "grid_steps": 6,
-    "decoder_steps": 60,
+    "grid_values": 2,
+    "decoder_steps": 100,
     "prompts": 3,
+    "judged": 12,
 }
 
 
@@ -88,19 +96,19 @@ STAGES = (
     ("mixture", "plan the demo mixture: exact counts per source, 10% held out for evaluation"),
     ("train", "train a tiny VPiT model on the mixture (DeepSpeed ZeRO-3, CPU), export it"),
     ("evaluate", "evaluate the trained model on the held-out split"),
-    ("grid", "run a 2x2 mixture grid (understanding x generation amounts) on local Ray"),
+    ("grid", "run a mixture grid (understanding x generation amounts, 2 seeds) on local Ray, fit the mixing law"),
     ("decoder", "train the diffusion decoder (visual tokens -> pixels) on the token cache"),
-    ("generate images", "generate images from unseen prompts: VPiT tokens -> decoder -> pixels"),
+    ("generate images", "generate images from unseen prompts: VPiT tokens -> decoder -> pixels -> the judge"),
 )
 
 
 def _precompute_all(out: Path) -> dict[str, Any]:
-    from vpit.model.encoder import EncoderConfig
+    from vpit.demo.recipe import DEMO_ENCODER
     from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
 
     facts: dict[str, Any] = {"datasets": {}}
     for folder in sorted((out / "datasets").iterdir()):
-        report = run_precompute(folder, EncoderConfig(encoder="tiny"), PrecomputeConfig(actors=1))
+        report = run_precompute(folder, DEMO_ENCODER, PrecomputeConfig(actors=1))
         print("\n".join("    " + line for line in report.summary().splitlines()))
         facts["fingerprint"], facts["m"], facts["dim"] = report.fingerprint, report.m, report.dim
         facts["datasets"][folder.name] = {"images": report.images, "bytes": report.cache_bytes}
@@ -182,9 +190,9 @@ def _stage_functions(out: Path, cfg: DemoConfig, base_url: Callable[[], str]) ->
         "mixture": lambda f: _mixture(out),
         "train": lambda f: _train(out, cfg.train_steps),
         "evaluate": lambda f: _evaluate(out, cfg.eval_per_source),
-        "grid": lambda f: grid_stage(out, steps=cfg.grid_steps),
+        "grid": lambda f: grid_stage(out, values=cfg.grid_values, seeds=tuple(range(cfg.grid_seeds))),
         "decoder": lambda f: _decoder(out, cfg.decoder_steps),
-        "generate images": lambda f: gallery_stage(out, n=cfg.prompts),
+        "generate images": lambda f: gallery_stage(out, n=cfg.prompts, judged=max(cfg.judged, cfg.prompts)),
     }
 
 
@@ -203,12 +211,18 @@ def format_summary(out: Path, facts: dict[str, Any], seconds: dict[str, float], 
         "train": f"text loss {facts['train']['first']['text_loss']:.2f} -> {facts['train']['last']['text_loss']:.2f}, "
         f"vision {facts['train']['first']['vision_loss']:.2f} -> {facts['train']['last']['vision_loss']:.2f}",
         "evaluate": f"exact match {ev.get('understanding/exact_match', float('nan')):.2f}, "
-        f"generation cosine {ev.get('generation/cosine', float('nan')):.3f}",
-        "grid": f"{len(facts['grid']['rows'])} cells, {len(facts['grid']['failed'])} failed",
+        f"generation cosine {ev.get('generation/cosine', float('nan')):.3f}, colour at position (tokens) "
+        f"{ev.get('generation/judge/colour_at_position', float('nan')):.2f}",
+        "grid": f"{len(facts['grid']['rows'])} runs, {len(facts['grid']['failed'])} failed, "
+        + ", ".join(
+            f"law {m.split('/')[-1].replace('_', ' ')} LOO RMSE {v['rmse']:.3f}"
+            for m, v in facts["grid"]["law"].items()
+        ),
         "decoder": f"held-out MSE own {dec.get('matched_mse', float('nan')):.3f} "
         f"vs other {dec.get('mismatched_mse', float('nan')):.3f}",
-        "generate images": f"{gal['prompts']} prompts, cosine own {gal['cos_own']:.3f} "
-        f"vs others {gal['cos_others']:.3f}",
+        "generate images": f"{gal['prompts']} unseen prompts judged: background {gal['judge']['background']:.0%} "
+        f"(chance {gal['chance']['background']:.0%}), colour at position {gal['judge']['colour_at_position']:.0%} "
+        f"(chance {gal['chance']['colour_at_position']:.0%})",
     }
     lines = ["", "demo summary", f"  {'stage':<18}{'seconds':>8}  result"]
     for i, (name, _) in enumerate(STAGES, 1):
@@ -252,9 +266,19 @@ def run_demo(output: str | Path, config: DemoConfig | None = None) -> dict[str, 
     facts["generate"] = dataclasses.asdict(facts["generate"])
     total = time.perf_counter() - t_start
     html, md = write_report(build_report(out, cfg, facts, seconds, total), out)
+    gallery, grid = facts["generate images"]["scores"], facts["grid"]
     (out / "demo.json").write_text(
         json.dumps(
-            {"config": dataclasses.asdict(cfg), "seconds": seconds, "total_s": total, "facts": facts},
+            {
+                "config": dataclasses.asdict(cfg),
+                "seconds": seconds,
+                "total_s": total,
+                # the judge on the decoded images of unseen prompts, with chance beside it
+                "judge": {**gallery["judge"], "chance": gallery["chance"], "prompts": gallery["prompts"]},
+                "judge_tokens": gallery["judge_tokens"],
+                "grid": {"law": grid["law"], "optimum": grid["optimum"], "findings": grid["findings"]},
+                "facts": facts,
+            },
             indent=1,
             default=str,
         )

@@ -61,7 +61,9 @@ def generate_raw(
     with open(info["jsonl"], "ab") as f:  # bad records at the end, so the good ones keep their lines
         f.write(b"\n".join(bad) + b"\n")
     bar.update(1)
-    pair_info = write_pairs(raw / "pairs", pairs, base_url, seed=1)  # seed 1: other scenes than the LLaVA ones
+    # seed 1: other scenes than the LLaVA ones; PNG: the model learns to draw from these targets, and
+    # JPEG's ringing would be part of what it learns (the LLaVA inputs mix both formats)
+    pair_info = write_pairs(raw / "pairs", pairs, base_url, seed=1, image_formats=("PNG",))
     bar.update(1)
     clip_info = write_clips(raw / "clips", clips, seed=0, frames=16)
     write_bad_clips(raw / "clips")
@@ -118,7 +120,7 @@ def ingest_raw(out: Path, raw: RawSources, workers: int | None = None) -> dict[s
 
     print("    generation: the URL list, downloaded by img2dataset from the localhost server")
     reports["generation"], stats = ingest_pairs(
-        PairsConfig(input=str(raw.pairs_urls), shard_size=20, threads=8), datasets / "generation", workers=workers
+        PairsConfig(input=str(raw.pairs_urls), shard_size=200, threads=32), datasets / "generation", workers=workers
     )
     extra["generation"] = f"img2dataset: {stats['successes']}/{stats['count']} downloaded"
 

@@ -114,15 +114,24 @@ class Optimum:
     objective: str
 
 
-def _splits(budget: int, lo: float = 0.01) -> np.ndarray:
-    share = np.linspace(lo, 1 - lo, 197)
-    return np.stack([share * budget, (1 - share) * budget], axis=1)
+Bounds = tuple[tuple[float, float], tuple[float, float]]
 
 
-def pareto(laws: tuple[Law, Law], budget: int) -> list[dict[str, float]]:
+def _splits(budget: int, bounds: Bounds | None = None) -> np.ndarray:
+    """Splits (n_1, n_2) of `budget`, each count within its bounds (the range the grid measured:
+    a law is not to be trusted far outside it); empty when no split fits."""
+    (lo1, hi1), (lo2, hi2) = bounds or ((1, budget - 1), (1, budget - 1))
+    lo, hi = max(lo1, budget - hi2), min(hi1, budget - lo2)
+    if lo > hi:
+        return np.zeros((0, 2))
+    first = np.unique(np.round(np.linspace(lo, hi, 197)))
+    return np.stack([first, budget - first], axis=1)
+
+
+def pareto(laws: tuple[Law, Law], budget: int, bounds: Bounds | None = None) -> list[dict[str, float]]:
     """The laws' predicted (metric_1, metric_2) along every split of `budget` between the two axes,
     with the first axis's share: the trade-off a fixed budget allows."""
-    splits = _splits(budget)
+    splits = _splits(budget, bounds)
     first, second = laws[0].predict(splits), laws[1].predict(splits)
     return [
         {"share": float(s[0] / budget), laws[0].metric: float(a), laws[1].metric: float(b)}
@@ -130,14 +139,22 @@ def pareto(laws: tuple[Law, Law], budget: int) -> list[dict[str, float]]:
     ]
 
 
-def optimum(laws: tuple[Law, Law], budget: int, weight: float = 0.5) -> Optimum:
+def optimum(laws: tuple[Law, Law], budget: int, weight: float = 0.5, bounds: Bounds | None = None) -> Optimum:
     """The split of `budget` between the laws' two axes that maximises
-    weight * metric_1 + (1 - weight) * metric_2, both predicted by their laws."""
+    weight * metric_1 + (1 - weight) * metric_2, both predicted by their laws; with `bounds`, each
+    axis's count stays in its (low, high) range."""
     if laws[0].axes != laws[1].axes or len(laws[0].axes) != 2:
         raise ConfigError("an optimum needs two laws over the same two count axes")
     if not 0 <= weight <= 1:
         raise ConfigError(f"optimum.weight: expected a number in [0, 1], got {weight}")
-    splits = _splits(budget)
+    splits = _splits(budget, bounds)
+    if not len(splits):
+        raise ConfigError(
+            f"optimum.budget: no split of {budget:,} keeps "
+            + " and ".join(f"{a} within [{lo:,.0f}, {hi:,.0f}]" for a, (lo, hi) in zip(laws[0].axes, bounds))
+            + " (the range the grid measured); choose a budget between "
+            f"{bounds[0][0] + bounds[1][0]:,.0f} and {bounds[0][1] + bounds[1][1]:,.0f}"
+        )
     score = weight * laws[0].predict(splits) + (1 - weight) * laws[1].predict(splits)
     best = splits[int(np.argmax(score))]
     counts = [int(round(best[0])), budget - int(round(best[0]))]

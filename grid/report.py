@@ -100,13 +100,34 @@ def _correlations(path: Path, table, understanding: list[str], generation: list[
     plt.close(fig)
 
 
+UNDERSTANDING_KEYS = ("understanding/exact_match", "understanding/mc_accuracy", "understanding/text_loss")
+GENERATION_KEYS = ("generation/judge/colour_at_position", "generation/judge/background", "generation/cosine")
+
+
+def _lower_is_better(metric: str) -> bool:
+    return "loss" in metric or "frechet" in metric
+
+
+def _varies(rows: list[dict[str, Any]], metric: str) -> bool:
+    vals = [r[metric] for r in rows if isinstance(r.get(metric), (int, float))]
+    return len(vals) > 1 and max(vals) > min(vals)
+
+
+def _informative(rows: list[dict[str, Any]], metric: str) -> bool:
+    """Measured, varying across the runs, and above its chance level where it has one."""
+    if not _varies(rows, metric):
+        return False
+    base = [r[f"{metric}/chance"] for r in rows if isinstance(r.get(f"{metric}/chance"), (int, float))]
+    return not base or float(np.mean([r[metric] for r in rows if metric in r])) > float(np.mean(base))
+
+
 def key_metrics(rows: list[dict[str, Any]]) -> tuple[str | None, str | None]:
-    """(understanding, generation) metric a grid is judged by: exact match, and the judge's colour at
-    position where shapes-world prompts were judged, else the token cosine."""
-    have = {k for r in rows for k in r}
-    und = next((m for m in ("understanding/exact_match", "understanding/mc_accuracy") if m in have), None)
-    gen = next((m for m in ("generation/judge/colour_at_position", "generation/cosine") if m in have), None)
-    return und, gen
+    """(understanding, generation) metric a grid is judged by: the first of each family's keys that the
+    grid measured, that varies across its runs and that beats its chance level (a metric stuck at one
+    value or at chance says nothing)."""
+    return tuple(
+        next((m for m in keys if _informative(rows, m)), None) for keys in (UNDERSTANDING_KEYS, GENERATION_KEYS)
+    )
 
 
 def _role(axis: str, index: int) -> str:
@@ -146,32 +167,34 @@ def _paired_effect(rows: list[dict[str, Any]], axes: list[str], axis: str, metri
 
 
 def findings(rows: list[dict[str, Any]], axes: list[str]) -> list[str]:
-    """Sentences computed from the results: each count axis's effect on the key metrics, and the
-    asymmetry between understanding data's effect on generation and generation data's on understanding."""
+    """Sentences computed from the results: each count axis's effect on the understanding and generation
+    metrics that vary across the grid, and the asymmetry between understanding data's effect on
+    generation and generation data's on understanding (on the key metrics, signed so that + helps)."""
     und, gen = key_metrics(rows)
+    metrics = [m for m in (*UNDERSTANDING_KEYS, *GENERATION_KEYS) if _varies(rows, m)]
     out, per_doubling = [], {}
     for i, axis in enumerate(axes[:2]):
-        for metric in (m for m in (und, gen) if m):
+        for metric in metrics:
             e = _paired_effect(rows, axes, axis, metric)
             if e is None:
                 continue
             noise = "" if np.isnan(e["se"]) else f" ± {e['se']:.3f}"
-            verdict = (
-                "within noise" if not np.isnan(e["se"]) and abs(e["mean"]) < 2 * e["se"] else "beyond 2 standard errors"
-            )
+            beyond = np.isnan(e["se"]) or abs(e["mean"]) > 2 * e["se"]
+            verdict = "beyond 2 standard errors" if beyond and e["mean"] != 0 else "within noise"
+            better = " (lower is better)" if _lower_is_better(metric) else ""
             out.append(
                 f"{e['ratio']:.3g}× {_role(axis, i)} data ({e['from']:,} -> {e['to']:,}, `{axis}`) changed "
-                f"{_short(metric)} by {e['mean']:+.3f}{noise} ({e['pairs']} paired runs; {verdict})."
+                f"{_short(metric)}{better} by {e['mean']:+.3f}{noise} ({e['pairs']} paired runs; {verdict})."
             )
-            per_doubling[(_role(axis, i), metric)] = (e["mean"] / np.log2(e["ratio"]), e)
-    u_to_g, g_to_u = per_doubling.get(("understanding", gen)), per_doubling.get(("generation", und))
-    if u_to_g and g_to_u:
-        a, b = u_to_g[0], g_to_u[0]
+            sign = -1 if _lower_is_better(metric) else 1
+            per_doubling[(_role(axis, i), metric)] = sign * e["mean"] / np.log2(e["ratio"])
+    a, b = per_doubling.get(("understanding", gen)), per_doubling.get(("generation", und))
+    if a is not None and b is not None:
         relation = "more than" if a > b else "less than" if a < b else "as much as"
         out.append(
-            f"Asymmetry: understanding data moved {_short(gen)} by {a:+.3f} per doubling, generation data moved "
-            f"{_short(und)} by {b:+.3f} per doubling: here understanding data helped generation {relation} "
-            "generation data helped understanding (MetaMorph reports more)."
+            f"Asymmetry: understanding data improved {_short(gen)} by {a:+.3f} per doubling, generation data "
+            f"improved {_short(und)} by {b:+.3f} per doubling: here understanding data helped generation "
+            f"{relation} generation data helped understanding (MetaMorph reports more)."
         )
     return out
 

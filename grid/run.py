@@ -39,7 +39,15 @@ from typing import Any
 from vpit.common import init_ray, save_json_atomic, subprocess_env, vpit_argv
 from vpit.grid.spec import Cell, GridSpec, expand
 
-__all__ = ["GridRun", "collect_optimum", "collect_rows", "optimum_cells", "run_grid", "train_and_eval_cell"]
+__all__ = [
+    "GridRun",
+    "collect_optimum",
+    "collect_rows",
+    "optimum_budget",
+    "optimum_cells",
+    "run_grid",
+    "train_and_eval_cell",
+]
 
 STOP = "STOP"
 
@@ -154,10 +162,20 @@ def optimum_cells(spec: GridSpec, rows: list[dict[str, Any]]) -> tuple[Any, list
     if len(axes) != 2 or not (und and gen):
         raise ConfigError("--optimum needs a grid over two count axes with an understanding and a generation metric")
     laws = (L.fit_law(rows, axes, und), L.fit_law(rows, axes, gen))
-    budget = spec.optimum.budget or max(sum(L.axis_counts([r[a] for a in axes], "axes")) for r in rows)
-    best = L.optimum(laws, int(budget), spec.optimum.weight)
+    budget, bounds = optimum_budget(spec)
+    best = L.optimum(laws, budget, spec.optimum.weight, bounds)
     label = "_".join(f"{a.split('.')[-2] if '.' in a else a}={n}" for a, n in best.counts.items())
     return best, [Cell(id=f"optimum_{label}_s{seed}", values=dict(best.counts), seed=seed) for seed in spec.seeds]
+
+
+def optimum_budget(spec: GridSpec) -> tuple[int, tuple[tuple[int, int], tuple[int, int]]]:
+    """(budget, each axis's measured range): optimum.budget, or by default the middle cell's total, so
+    that the split has room on both axes within the range the grid measured."""
+    from vpit.grid import law as L
+
+    counts = [sorted(L.axis_counts(list(v), a)) for a, v in spec.axes.items()]
+    bounds = tuple((c[0], c[-1]) for c in counts)
+    return int(spec.optimum.budget or sum(c[len(c) // 2] for c in counts)), bounds
 
 
 def collect_optimum(out: Path) -> list[dict[str, Any]]:

@@ -55,8 +55,8 @@ class TrainConfig:
     a micro step gets as many as make its share of the global batch's estimated tokens."""
     grad_accum: int = 1
     """Micro steps per optimizer step. Global batch = micro_batch_size x world size x grad_accum."""
-    max_steps: int = 100
-    """Optimizer steps."""
+    max_steps: int | None = 100
+    """Optimizer steps; null: one pass over the mixture (every global batch its plan holds)."""
     lr: float = 2e-5
     """Peak learning rate at a global batch of lr_reference_batch; scaled by sqrt(global/reference)."""
     lr_reference_batch: int = 256
@@ -109,7 +109,6 @@ class TrainConfig:
         for name in (
             "micro_batch_size",
             "grad_accum",
-            "max_steps",
             "save_every",
             "lr_reference_batch",
             "keep_checkpoints",
@@ -127,7 +126,11 @@ class TrainConfig:
             )
         if not self.lr > 0:
             problems.append(f"lr: expected > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+        if self.max_steps is None and self.data.mixture is None:
+            problems.append("max_steps: null (one pass over the mixture) needs data.mixture; give a number of steps")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps: expected an integer >= 1 (or null: one pass), got {self.max_steps}")
+        if self.warmup_steps < 0 or self.warmup_steps > (self.max_steps or self.warmup_steps):
             problems.append(f"warmup_steps: expected 0..max_steps ({self.max_steps}), got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")

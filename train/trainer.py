@@ -12,6 +12,7 @@ GPUs (through a universal checkpoint) continues the same sample sequence and tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -85,6 +86,8 @@ class Trainer:
         self.global_batch = cfg.micro_batch_size * world * accum
         self.lr = cfg.lr * math.sqrt(self.global_batch / cfg.lr_reference_batch)
         self.source = source or make_source(cfg.data, self.global_batch, cfg.model, self.run_dir / "plan")
+        if cfg.max_steps is None:  # one pass over the mixture
+            self.cfg = cfg = dataclasses.replace(cfg, max_steps=self.source.num_steps())
         self._check_data()
         ds = ds_config(
             cfg.deepspeed,

@@ -13,7 +13,7 @@ from PIL import Image
 from vpit.demo.corpora import BAD_LLAVA_CASES
 from vpit.demo.run import STAGES, DemoConfig, run_demo
 from vpit.mixtures import heldout_items, load_spec
-from vpit.model.encoder import EncoderConfig, load_encoder
+from vpit.model.encoder import load_encoder
 
 
 def test_every_stage_ran_in_order_and_the_summary_times_each(quick_demo):
@@ -50,7 +50,7 @@ def test_ingest_counts_and_quarantine_reasons_of_every_kind(quick_demo):
 def test_precompute_mixture_train_and_evaluate(quick_demo):
     facts, out = quick_demo["facts"], quick_demo["out"]
     pre = facts["precompute"]
-    assert set(pre["datasets"]) == set(facts["ingest"]) and pre["m"] == 64
+    assert set(pre["datasets"]) == set(facts["ingest"]) and pre["m"] == 16  # the demo's recipe: 4x4 tokens
     mix = facts["mixture"]
     assert mix["heldout"] == 0.1 and sum(mix["groups"].values()) == mix["total"]
     assert sum(s["planned"] for s in mix["sources"]) == mix["total"]
@@ -66,26 +66,52 @@ def test_precompute_mixture_train_and_evaluate(quick_demo):
     assert ev["n_understanding"] == sum(it["record"]["kind"] in ("understanding", "text", "video") for it in held)
     written = json.loads((out / "train" / "run" / "eval" / f"step-{train['last']['step']:06d}.json").read_text())
     assert written["generation/cosine"] == pytest.approx(ev["generation/cosine"])
+    # every held-out pair has a shapes-world caption: the judge read them all, chance beside each metric
+    assert ev["n_judged"] == ev["n_generation"]
+    for m in ("background", "colour_at_position", "shape", "exact_scene"):
+        assert 0 <= ev[f"generation/judge/{m}"] <= 1 and f"generation/judge/{m}/chance" in ev
+    assert 0 <= ev["generation/free_rate"] <= 1
+    assert any(k.startswith("understanding/exact_match/") for k in ev)  # by question type
 
 
 def test_grid_decoder_and_gallery(quick_demo):
+    from vpit.demo.recipe import DEMO_ENCODER
+    from vpit.mixtures import make_plan
+    from vpit.mixtures.sampler import make_schedule
+
     facts, out, cfg = quick_demo["facts"], quick_demo["out"], quick_demo["config"]
     grid = facts["grid"]
-    assert len(grid["rows"]) == 4 and not grid["failed"]
+    seeds = list(range(cfg.grid_seeds))
+    assert len(grid["rows"]) == cfg.grid_values**2 * len(seeds) and not grid["failed"]
+    assert sorted({r["seed"] for r in grid["rows"]}) == seeds
     heat = json.loads(Path(grid["files"]["heatmaps"]).read_text())
     assert heat["rows"]["axis"] == "groups.understanding.count" and heat["columns"]["axis"] == "groups.generation.count"
     u, g = facts["mixture"]["groups"]["understanding"], facts["mixture"]["groups"]["generation"]
-    assert heat["rows"]["values"] == [str(u // 4), str(u)] and heat["columns"]["values"] == [str(g // 4), str(g)]
+    assert heat["rows"]["values"] == [str(round(u / 2)), str(u)]
+    assert heat["columns"]["values"] == [str(round(g / 4)), str(round(g / 2))]
     assert np.isfinite(np.array(heat["metrics"]["generation/cosine"], float)).all()
-    assert Path(grid["files"]["correlation"]).stat().st_size > 1000
-    for cell in (Path(grid["out"]) / "cells").iterdir():  # the same compute in every cell
+    assert np.isfinite(np.array(heat["spread"]["generation/cosine"], float)).all()  # two seeds: a spread
+    assert Path(grid["files"]["correlation"]).stat().st_size > 1000 and Path(grid["files"]["pareto"]).is_file()
+    # one pass over each cell's own mixture: its steps are the batches its plan holds
+    base = out / "grid" / "base.yaml"
+    for cell in (Path(grid["out"]) / "cells").iterdir():
+        overrides = {**json.loads((cell / "cell.json").read_text())["overrides"]}
+        batches = make_schedule(make_plan(load_spec(base, overrides)), 16).num_batches
         steps = [json.loads(line)["step"] for line in (cell / "run" / "metrics.jsonl").read_text().splitlines()]
-        assert steps == list(range(1, grid["steps"] + 1)), cell.name
+        assert steps == list(range(1, batches + 1)), cell.name
+    # the law, its error and the optimum it predicted, run as one more cell per seed
+    assert sorted(m.split("/")[0] for m in grid["law"]) == ["generation", "understanding"]
+    assert all(v["rmse"] >= 0 for v in grid["law"].values())
+    assert len(grid["optimum"]["cells"]) == len(seeds) and set(grid["optimum"]["measured"]) >= set(grid["law"])
+    saved = json.loads((out / "demo.json").read_text())
+    assert saved["grid"]["law"] == grid["law"] and saved["grid"]["optimum"]["predicted"]
+    assert grid["findings"] and any(f.startswith("Asymmetry") for f in grid["findings"])
 
     dec = facts["decoder"]["heldout"]
     assert dec["matched_mse"] < dec["mismatched_mse"]  # the conditioning carries the image
 
-    rows = facts["generate images"]["rows"]
+    gallery = facts["generate images"]
+    rows = gallery["rows"]
     assert len(rows) == cfg.prompts and len({r["prompt"] for r in rows}) == cfg.prompts
     training_text = (out / "raw" / "llava" / "data.jsonl").read_text(errors="replace")  # one bad record is not UTF-8
     import pyarrow.parquet as pq
@@ -96,13 +122,26 @@ def test_grid_decoder_and_gallery(quick_demo):
         assert caption not in training_text, f"{caption!r} was in the training data"
         assert Image.open(r["true"]).size == (64, 64)
         assert Image.open(r["generated"]).size == Image.open(r["from_true_tokens"]).size == (32, 32)
+        assert r["verdict"].startswith("background ")
     # the gallery's cosines, recomputed from the tokens it saved and the true scenes it rendered
-    encoder = load_encoder(EncoderConfig(encoder="tiny"))
+    encoder = load_encoder(DEMO_ENCODER)
     for i, r in enumerate(rows):
         gen = np.load(out / "gallery" / f"{i:02d}-generated.npy")
         true = encoder.encode([Image.open(r["true"]).convert("RGB")])[0].astype(np.float32)
         cos = np.sum(gen * true, -1) / (np.linalg.norm(gen, axis=-1) * np.linalg.norm(true, axis=-1))
         assert float(cos.mean()) == pytest.approx(r["cos_own"], abs=1e-4)
+    # demo.json carries the judge's numbers with chance beside them, read from the decoded pixels
+    judge = saved["judge"]
+    assert judge["prompts"] == cfg.judged and set(judge["chance"]) == {
+        "background",
+        "colour_at_position",
+        "shape",
+        "exact_scene",
+    }
+    from vpit.judge import read_pixels
+
+    first = read_pixels(Image.open(rows[0]["generated"]))  # the verdict is the judge's reading of the picture
+    assert rows[0]["verdict"].startswith(f"background {first.background} ")
 
 
 def test_report_html_and_markdown_show_every_stage(quick_demo):
@@ -127,6 +166,7 @@ def test_report_html_and_markdown_show_every_stage(quick_demo):
         "decoder/heldout.png",
         "decoder/loss.png",
         "grid/demo-grid/report/correlation.png",
+        "grid/demo-grid/report/pareto.png",
         "grid/demo-grid/report/heatmap_generation_cosine.png",
     }
     assert expected <= set(srcs)

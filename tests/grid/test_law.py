@@ -89,3 +89,14 @@ def test_the_report_draws_spread_laws_pareto_and_the_optimum(tmp_path):
 
     heat = json.loads(files["heatmaps"].read_text())
     assert heat["spread"][GEN][0][0] is not None  # two seeds per cell: a spread
+
+
+def test_the_optimum_stays_within_the_range_the_grid_measured():
+    rows = _rows(lambda u, g: 0.1 * math.log(u), lambda u, g: 0.001 * math.log(g))  # generation barely matters
+    laws = (L.fit_law(rows, [U, G], UND), L.fit_law(rows, [U, G], GEN))
+    free = L.optimum(laws, 20_000, weight=0.5)
+    assert free.counts[U] > 16_000  # unbounded, the law would spend nearly all on understanding
+    bounded = L.optimum(laws, 20_000, weight=0.5, bounds=((1000, 16_000), (500, 8000)))
+    assert bounded.counts == {U: 16_000, G: 4000}  # as much understanding as the grid measured
+    with pytest.raises(ValueError, match="choose a budget between 1,500 and 24,000"):
+        L.optimum(laws, 30_000, bounds=((1000, 16_000), (500, 8000)))
