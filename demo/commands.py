@@ -19,10 +19,11 @@ class DemoOutput:
 demo = Command(
     summary="run the whole pipeline on generated shapes-world data",
     description="Run the whole pipeline on generated shapes-world data, in nine stages: generate raw data of all "
-    "four kinds, ingest, precompute visual tokens, plan a mixture, train a tiny VPiT model, evaluate it on the "
-    "held-out split, run a 2x2 mixture grid on Ray, train the diffusion decoder, and generate images from unseen "
-    "prompts. About 3 minutes on a 2-core CPU (--quick: about 2). Writes OUTPUT/report.html (and report.md) with "
-    "the ingest counts, the mixture plan, loss curves, metrics, grid heatmaps and a gallery.",
+    "four kinds, ingest, precompute visual tokens, plan a mixture, train a small VPiT model, evaluate it on the "
+    "held-out split, run a 3x3 mixture grid with 2 seeds on Ray (findings, mixing law, its optimum), train the "
+    "diffusion decoder, and generate and judge images from unseen prompts. About 9.5 minutes on a 2-core CPU "
+    "(--quick: about 3). Writes OUTPUT/report.html (and report.md) with the ingest counts, the mixture plan, loss "
+    "curves, metrics, grid heatmaps with their spread, the Pareto plot and a judged gallery.",
     run=lambda cfg, where: run_demo(where.output, cfg),
     configs=(DemoConfig, DemoOutput),
     short={"output": "-o"},

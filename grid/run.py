@@ -191,12 +191,19 @@ def run_grid(
     progress: bool = True,
     cells: list[Cell] | None = None,
 ) -> GridRun:
-    """Run every unfinished cell of `spec` (or the given `cells`) as Ray tasks."""
+    """Run every unfinished cell of `spec` (or the given `cells`) as Ray tasks. One runner per grid
+    folder: a second `vpit grid run` on it stops at once, naming the first."""
+    from vpit.lock import FolderLock
+
+    with FolderLock(out, "vpit grid run"):
+        return _run_cells(spec, Path(out), ray_address, progress, cells)
+
+
+def _run_cells(spec: GridSpec, out: Path, ray_address: str | None, progress: bool, cells: list[Cell] | None) -> GridRun:
     import ray
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / STOP).unlink(missing_ok=True)  # a re-run after a pre-emption resumes
     (out / "grid.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1, default=str) + "\n")

@@ -212,10 +212,16 @@ def _estimate(name: str, catalog: Catalog, count: int, seed: int) -> tuple[int, 
     n = min(ESTIMATE_SAMPLES, catalog.size)
     shards, positions = catalog.locate(source_items(seed, name, catalog.size, np.arange(n)))
     reader = RecordReader(catalog.root, catalog.shard_names)
+    records = []
     try:
-        records = [reader.record(int(s), int(p)) for s, p in zip(shards, positions, strict=True)]
+        for s, p in zip(shards, positions, strict=True):
+            try:
+                records.append(reader.record(int(s), int(p)))
+            except ValueError:  # a damaged record: the trainer skips it too (its error budget)
+                continue
     finally:
         reader.close()
+    n = max(1, len(records))
     chars = sum(text_chars(r) for r in records) / n
     images = sum(len(r.get("images", [])) for r in records) / n
     return round(count * chars / CHARS_PER_TOKEN), round(count * images)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vpit.errors import ConfigError
+from vpit.errors import ConfigError, VpitError
 from vpit.mixtures.catalog import RecordReader
 from vpit.mixtures.plan import Plan
 from vpit.mixtures.sampler import balance_bins, batch_slots, locate, make_schedule
@@ -228,14 +228,29 @@ class MixtureStream(torch.utils.data.IterableDataset):
             mine.tolist(), src.tolist(), shards.tolist(), positions.tolist(), micro.tolist(), strict=True
         ):
             sp = self.plan.sources[s]
-            record = readers[s].record(shard, pos)
-            item = {"index": start + i, "id": record["id"], "source": sp.name, "group": sp.group, "record": record}
+            item = {"index": start + i, "source": sp.name, "group": sp.group}
+            try:
+                record = readers[s].record(shard, pos)
+                item.update(id=record["id"], record=record)
+                if caches is not None:
+                    item["tokens"] = np.asarray(caches[s].tokens(shard, pos), dtype=np.float32)
+            except (VpitError, ValueError, OSError, IndexError) as e:
+                # an unreadable record (corrupt member, truncated token file) is skipped in place: the
+                # rest of the sequence does not move; the trainer logs it and keeps an error budget
+                item.pop("record", None)
+                item["id"] = item.get("id") or _id_or_place(readers[s], sp.name, shard, pos)
+                item["skipped"] = f"{type(e).__name__}: {e}"
             if self.micro_batches > 1:
                 item["micro"] = j
-            if caches is not None:
-                item["tokens"] = np.asarray(caches[s].tokens(shard, pos), dtype=np.float32)
             items.append(item)
         return items
+
+
+def _id_or_place(reader: RecordReader, source: str, shard: int, pos: int) -> str:
+    try:
+        return reader.sample_id(shard, pos)
+    except (VpitError, ValueError, OSError, IndexError):  # the index itself is unreadable
+        return f"{source}:{reader.names[shard]}#{pos}"
 
 
 def _identity(batch):

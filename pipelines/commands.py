@@ -15,9 +15,10 @@ from vpit.pipelines.inspect import InspectConfig, describe_dataset
 from vpit.pipelines.llava import LlavaAdapter, LlavaConfig
 from vpit.pipelines.pairs import PairsConfig, ingest_pairs
 from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
+from vpit.pipelines.verify import VerifyConfig
 from vpit.pipelines.video import VideoPredictionAdapter, VideoPredictionConfig, VideoQAAdapter, VideoQAConfig
 
-__all__ = ["ingest", "inspect", "precompute"]
+__all__ = ["ingest", "inspect", "precompute", "verify"]
 
 
 def _report(report: IngestReport) -> None:
@@ -136,4 +137,32 @@ inspect = Command(
     run=lambda cfg: print(describe_dataset(cfg.path, n=cfg.n, quarantine=cfg.quarantine)),
     configs=(InspectConfig,),
     positional=("path",),
+)
+
+
+def _verify(cfg) -> None:
+    from pathlib import Path
+
+    from vpit.pipelines.verify import DatasetDamaged, format_report, verify_dataset
+
+    problems, facts = verify_dataset(cfg.dataset, caches=cfg.caches)
+    print(format_report(Path(cfg.dataset), problems, facts))
+    bad_caches = [fp for fp, states in facts["caches"].items() if set(states) - {"ok"}]
+    if problems or bad_caches:
+        raise DatasetDamaged(
+            f"{len(problems)} damaged shard(s), {len(bad_caches)} incomplete token cache(s) in {cfg.dataset}; "
+            "see the lines above for where and how to fix"
+        )
+    print("ok        every shard matches its manifest entry and its index")
+
+
+verify = Command(
+    summary="check every shard against the manifest and its index against its tar",
+    description="Check DATASET: each tar's size and sha256 against the manifest, the tar's own member headers "
+    "against the JSON and binary indexes, every sample's JSON and image bytes against their record (which "
+    "locates the first bad byte range of a damaged tar), and every token cache's shards. Prints what is wrong "
+    "and how to fix it; exits 2 when anything is.",
+    run=_verify,
+    configs=(VerifyConfig,),
+    positional=("dataset",),
 )

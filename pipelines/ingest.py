@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vpit.common import cluster_cpus, init_ray, save_json_atomic
+from vpit.common import cluster_cpus, init_ray, save_json_atomic, user_error_in
 from vpit.config import path_field
 from vpit.errors import ConfigError, VpitError
+from vpit.lock import FolderLock
 from vpit.pipelines.sample import Rejected, Sample
 from vpit.pipelines.shard_index import load_catalog_arrays
 from vpit.pipelines.shards import FORMAT_VERSION, load_manifest, shard_name, write_shard
@@ -271,6 +272,18 @@ class _Journal:
         self.file.close()
 
 
+def _rows_or_user_error(ds) -> Iterator[dict[str, Any]]:
+    """The job's rows; a user mistake a worker found (a VpitError) is raised as itself, not as Ray's
+    wrapped traceback."""
+    try:
+        yield from ds.iter_rows()
+    except Exception as e:
+        user = user_error_in(e)
+        if user is None:
+            raise
+        raise user from None
+
+
 def _rebuild_quarantine(root: Path, n_shards: int) -> None:
     parts = [root / "quarantine" / f"{shard_name(i)}.jsonl" for i in range(n_shards)]
     tmp = root / "quarantine.jsonl.tmp"
@@ -289,7 +302,20 @@ def run_ingest(
     ray_address: str | None = None,
     progress: bool = True,
 ) -> IngestReport:
-    """Ingest `adapter`'s input into `output`, resuming whatever a previous run left."""
+    """Ingest `adapter`'s input into `output`, resuming whatever a previous run left. One writer per
+    output folder: a second ingest into it stops at once, naming the first (`vpit.lock`)."""
+    with FolderLock(output, f"vpit ingest {adapter.source_kind}"):
+        return _run_ingest(adapter, output, workers=workers, ray_address=ray_address, progress=progress)
+
+
+def _run_ingest(
+    adapter: Adapter,
+    output: str | Path,
+    *,
+    workers: int | None,
+    ray_address: str | None,
+    progress: bool,
+) -> IngestReport:
     import ray
     from tqdm import tqdm
 
@@ -324,7 +350,7 @@ def run_ingest(
         bar = tqdm(total=len(todo), desc=f"ingest {adapter.source_kind}", unit="shard", disable=not progress)
         journal = _Journal(root)
         try:
-            for row in ds.iter_rows():
+            for row in _rows_or_user_error(ds):
                 entry = json.loads(row["entry"])
                 journal.append(entry)  # the entry that marks it done
                 done[entry["shard"]] = entry

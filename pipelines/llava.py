@@ -118,9 +118,18 @@ class LlavaAdapter(Adapter):
         return Sample(record=out, images=images)
 
 
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # a raw record larger than this is refused unparsed (a runaway line)
+
+
 def _parse(raw: bytes) -> dict[str, Any] | None:
+    """One raw JSON record -> a dict, or None for a blank line; `Rejected` names what is wrong.
+
+    A UTF-8 byte-order mark is not part of the record; a record over MAX_RECORD_BYTES is refused
+    before parsing; JSON nested past Python's recursion limit is malformed, not a crash."""
+    if len(raw) > MAX_RECORD_BYTES:
+        raise Rejected("record_too_large", f"{len(raw):,} bytes; records over {MAX_RECORD_BYTES:,} bytes are refused")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise Rejected("non_utf8", f"invalid UTF-8 byte 0x{raw[e.start]:02x} at byte {e.start} of the record") from None
     if not text.strip():
@@ -129,6 +138,8 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise Rejected("malformed_json", f"{e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise Rejected("malformed_json", "nested too deeply to parse (a JSON recursion bomb)") from None
     if not isinstance(record, dict):
         raise Rejected("malformed_json", f"expected a JSON object, got {type(record).__name__}")
     try:  # lone surrogates (\udc80) parse but cannot be written as UTF-8

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from vpit.common import cluster_cpus, init_ray, ray_gcs_address, subprocess_env
 from vpit.config import path_field
 from vpit.errors import ConfigError
+from vpit.lock import FolderLock
 from vpit.pipelines.ingest import (
     Adapter,
     IngestError,
@@ -325,8 +326,16 @@ class PairsAdapter(Adapter):
         images: dict[str, bytes] = {}
         with tarfile.open(self.folder / f"{name}.tar") as tar:
             for info in tar:
+                # img2dataset writes flat regular files: anything else is not its output, and a
+                # link or a path is how a hostile tar escapes its folder (nothing is extracted here)
+                if not info.isreg() or "/" in info.name or info.name.startswith(".."):
+                    what = "a link" if info.issym() or info.islnk() else "a folder" if info.isdir() else "a path"
+                    raise IngestError(
+                        f"{self.folder}/{name}.tar holds a hostile member {info.name!r} ({what}); img2dataset "
+                        "writes plain files named KEY.EXT: check where this tar came from"
+                    )
                 key, _, ext = info.name.partition(".")
-                if info.isfile() and ext in _IMAGE_EXTS:
+                if ext in _IMAGE_EXTS:
                     images[key] = tar.extractfile(info).read()
         first = task["records"][0]
         for j, row in enumerate(rows):
@@ -382,6 +391,13 @@ def ingest_pairs(
     progress: bool = True,
 ) -> tuple[IngestReport, dict[str, Any]]:
     """Download (when the input is a URL list) and ingest; return the ingest report and img2dataset's stats."""
+    with FolderLock(output, "vpit ingest pairs"):  # the download writes into the output folder too
+        return _ingest_pairs(config, output, workers=workers, ray_address=ray_address, progress=progress)
+
+
+def _ingest_pairs(
+    config: PairsConfig, output: str | Path, *, workers: int | None, ray_address: str | None, progress: bool
+) -> tuple[IngestReport, dict[str, Any]]:
     src = Path(config.input)
     if src.is_dir():
         folder, owns = src, False

@@ -28,6 +28,7 @@ import numpy as np
 
 from vpit.common import init_ray, save_json_atomic
 from vpit.errors import ConfigError
+from vpit.lock import FolderLock
 from vpit.model.encoder import EncoderConfig, decode_image, load_encoder, resize_images
 from vpit.pipelines.shard_index import load_shard_arrays
 from vpit.pipelines.shards import Dataset
@@ -236,7 +237,6 @@ def run_precompute(
     progress: bool = True,
 ) -> PrecomputeReport:
     """Fill `dataset`'s token cache for `encoder_config`, resuming whatever a previous run left."""
-    from tqdm import tqdm
 
     from vpit.pipelines.token_cache import CacheError
 
@@ -256,6 +256,15 @@ def run_precompute(
     fp = encoder.fingerprint()
     cdir = cache_dir(ds.root, fp)
     cdir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(cdir, "vpit precompute"):  # one writer per cache
+        return _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, start)
+
+
+def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, start) -> PrecomputeReport:
+    from tqdm import tqdm
+
+    from vpit.pipelines.token_cache import CacheError
+
     info = {
         "fingerprint": fp,
         "encoder": encoder_config.encoder,
@@ -324,7 +333,7 @@ def run_precompute(
     steady = 0.0
     if first and images > first[1]:
         steady = (images - first[1]) / max(time.perf_counter() - first[0], 1e-9)
-    cache_bytes = sum(p.stat().st_size for p in cdir.iterdir() if p.is_file())
+    cache_bytes = sum(p.stat().st_size for p in cdir.iterdir() if p.is_file() and not p.name.startswith("."))
     return PrecomputeReport(
         dataset=ds.root,
         fingerprint=fp,

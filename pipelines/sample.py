@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -33,7 +34,8 @@ ROLES = ("system", "user", "assistant")
 
 # Quarantine reason codes, shared by every adapter so reports add up across sources.
 REASONS = {
-    "malformed_json": "the raw record is not valid JSON",
+    "malformed_json": "the raw record is not valid JSON (or nested too deeply to parse)",
+    "record_too_large": "the raw record is larger than the record size limit",
     "non_utf8": "the raw record is not valid UTF-8",
     "missing_field": "a required field is absent or has the wrong type",
     "missing_image": "an image file does not exist",
@@ -54,12 +56,22 @@ REASONS = {
 }
 
 
+_ADDRESS = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def clean_detail(text: str) -> str:
+    """A message as the quarantine keeps it: object reprs with memory addresses (which differ between
+    two identical runs and tell the user nothing) become the object's type."""
+    return _ADDRESS.sub(r"<\1>", text)
+
+
 class Rejected(Exception):
     """A raw record that cannot become a sample. `field` names where the problem is."""
 
     def __init__(self, reason: str, detail: str):
         if reason not in REASONS:
             raise ConfigError(f"unknown quarantine reason {reason!r}; add it to REASONS")
+        detail = clean_detail(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -102,6 +114,8 @@ def check_image(data: bytes, where: str, max_pixels: int) -> tuple[str, int, int
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected("image_too_large", f"{where}: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise Rejected("unreadable_image", f"{where}: not an image format PIL can read") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         raise Rejected("unreadable_image", f"{where}: {type(e).__name__}: {e}") from None
     if fmt not in _FORMAT_EXT:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
@@ -106,11 +107,27 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
     return idx
 
 
+_SHARD_NAME = re.compile(r"^shard-\d{6,}$")
+
+
 def load_manifest(root: Path) -> Manifest | None:
+    """The dataset's manifest, or None when there is none. Shard names become paths, so a name that
+    is not `shard-NNNNNN` (e.g. ../../etc/passwd) is refused: a manifest must not lead outside."""
     path = Path(root) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); re-run the ingest that wrote {root}") from None
+    for entry in manifest.get("shards", []):
+        name = entry.get("name")
+        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+            raise InputError(
+                f"{path}: shard name {name!r} is not a vpit shard name (shard-NNNNNN); the manifest was altered, "
+                f"re-run the ingest that wrote {root}"
+            )
+    return manifest
 
 
 class ShardReader:

@@ -247,7 +247,10 @@ class TokenCache:
         """A shard's token file: its descriptor, row offsets, data offset and row shape."""
         name = self.names[shard]
         path = tokens_path(self.dir, name)
-        offsets = np.load(offsets_path(self.dir, name), allow_pickle=False)
+        try:
+            offsets = np.load(offsets_path(self.dir, name), allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise CacheError(f"{offsets_path(self.dir, name)} is not readable ({e}). Fix it with: {self.fix}") from None
         fd = os.open(path, os.O_RDONLY)
         try:
             with os.fdopen(os.dup(fd), "rb") as f:

@@ -50,6 +50,8 @@ class PackedBatch:
     """The source of each kept sample, aligned with sample_ids."""
     truncated: int = 0
     dropped: int = 0
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Items the loader could not read ({"index", "id", "source", "error"}): left out, logged, budgeted."""
 
     @property
     def padded_tokens(self) -> int:
@@ -186,7 +188,14 @@ class Collator:
 
     def __call__(self, items: list[StreamItem]) -> PackedBatch:
         kept, sources, truncated, dropped = [], [], 0, 0
+        skipped = [
+            {"index": it["index"], "id": it["id"], "source": it["source"], "error": it["skipped"]}
+            for it in items
+            if "skipped" in it
+        ]
         for item in items:
+            if "skipped" in item:
+                continue
             enc, visual = self.encode(item)
             if len(enc) > self.max_len:
                 cut = truncate(enc, visual, self.max_len, self.image.m) if self.overflow == "truncate" else None
@@ -198,7 +207,9 @@ class Collator:
             kept.append((item["id"], enc, visual))
             sources.append(item["source"])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return pack(kept, self.max_len, pad, truncated, dropped, sources)
+        batch = pack(kept, self.max_len, pad, truncated, dropped, sources)
+        batch.skipped = skipped
+        return batch
 
     def step(self, items: list[StreamItem], micro_batches: int) -> list[PackedBatch]:
         """One optimizer step's items of this rank -> one packed batch per micro step (item["micro"])."""

@@ -34,10 +34,20 @@ class DataConfig:
     balance: bool = True
     """Split each global batch among ranks and micro steps by estimated tokens (the same samples per
     step either way; ZeRO-3 runs at the pace of the slowest rank)."""
+    max_skipped_in_a_row: int = 10
+    """Unreadable records (a corrupt member, a truncated token file) are skipped and listed in
+    RUN/skipped-rank*.jsonl; this many global batches in a row with a skip stop the run."""
+    max_skipped_share: float = 0.001
+    """...and so does a skipped share of all samples so far above this (0.001 = 0.1%)."""
 
     def __post_init__(self):
         if self.max_len < 8:
             raise ConfigError(f"data.max_len: expected >= 8, got {self.max_len}")
+        if self.max_skipped_in_a_row < 1 or not 0 <= self.max_skipped_share < 1:
+            raise ConfigError(
+                "data.max_skipped_in_a_row / max_skipped_share: expected >= 1 / a fraction in [0, 1), got "
+                f"{self.max_skipped_in_a_row} / {self.max_skipped_share}"
+            )
         if self.num_workers < 0 or self.synthetic < 1:
             raise ConfigError("data.num_workers and data.synthetic: expected >= 0 and >= 1")
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from vpit.config import to_plain
-from vpit.errors import ConfigError
+from vpit.errors import ConfigError, InputError
 from vpit.model.build import build_model
 from vpit.model.chat_template import IGNORE, ImageTokens, get_template
 from vpit.train.checkpoint import (
@@ -82,6 +83,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed()
         self.run_dir = Path(cfg.output_dir)
+        self.lock = self._hold_run_dir()
         world, accum = self.dist.world_size, cfg.grad_accum
         self.global_batch = cfg.micro_batch_size * world * accum
         self.lr = cfg.lr * math.sqrt(self.global_batch / cfg.lr_reference_batch)
@@ -135,6 +137,7 @@ class Trainer:
         self.peak = peak_flops(cfg.peak_tflops, self.dist.device)
         self.log = RunLog(self.run_dir, self.dist.rank, cfg.loggers, to_plain(cfg))
         self._heldout: list | None = None
+        self._skips_in_a_row = self._skips_total = self._samples_total = 0
         self._judge: Any = None  # the shapes-world token judge (False: none applies), made at the first evaluation
         if (cfg.eval_every or cfg.eval_at_end) and cfg.data.mixture:  # no held-out split: fail now, not at the end
             from vpit.train.evaluate import heldout_for
@@ -186,8 +189,63 @@ class Trainer:
         return ckpt, state
 
     # -- the loop ------------------------------------------------------------------------------
+    def _hold_run_dir(self) -> Any:
+        """Rank 0 holds the run folder for the run (`vpit.lock`); every rank stops if it cannot: a
+        second `vpit train` into the same folder would interleave checkpoints and metrics."""
+        from vpit.lock import FolderLock, LockedError
+
+        lock, why = None, ""
+        if self.dist.rank == 0:
+            try:
+                lock = FolderLock(self.run_dir, "vpit train").acquire()
+            except LockedError as e:
+                why = str(e)
+        if self.dist.world_size > 1:
+            flag = torch.tensor([0.0 if why else 1.0], device=self.dist.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            if flag.item() < 1:
+                raise LockedError(why or f"rank 0 could not take {self.run_dir}: another writer holds it")
+        elif why:
+            raise LockedError(why)
+        return lock
+
+    def _budget_skips(self, row: dict[str, Any], skipped: list[dict[str, Any]]) -> None:
+        """Log this rank's skipped records to RUN/skipped-rankR.jsonl; stop every rank when the global
+        count (all-reduced in the step's metrics) goes past the loader's error budget."""
+        if skipped:
+            with open(self.run_dir / f"skipped-rank{self.dist.rank}.jsonl", "a", encoding="utf-8") as f:
+                for sk in skipped:
+                    f.write(json.dumps({"step": self.step, **sk}) + "\n")
+            print(f"step {self.step}: skipped {sk['id']} ({sk['error']})", file=sys.stderr)
+        data = self.cfg.data
+        self._skips_in_a_row = self._skips_in_a_row + 1 if row["skipped"] else 0
+        self._skips_total += row["skipped"]
+        self._samples_total += row["samples"] + row["skipped"]
+        if self._skips_in_a_row >= data.max_skipped_in_a_row or (
+            self._skips_total > data.max_skipped_share * self._samples_total and self._skips_total > 1
+        ):
+            raise InputError(
+                f"the loader skipped {self._skips_total} unreadable record(s) of {self._samples_total} "
+                f"({self._skips_in_a_row} step(s) in a row), past its error budget (data.max_skipped_in_a_row "
+                f"{data.max_skipped_in_a_row}, data.max_skipped_share {data.max_skipped_share}); they are listed in "
+                f"{self.run_dir}/skipped-rank*.jsonl: check the datasets with `vpit verify DATASET`, fix them "
+                "(re-run their ingest or precompute), then resume with --resume"
+            )
+
+    def close(self) -> None:
+        """Let go of the run folder (train() does when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def train(self) -> dict[str, Any]:
         """Train to cfg.max_steps (or a pre-emption signal, then checkpoint and stop)."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict[str, Any]:
         self._prepare_run_dir()
         steps = self.source.steps(
             self.step,
@@ -211,6 +269,7 @@ class Trainer:
                 if self.peak:  # 6 N flops per token (forward + backward), attention not counted
                     row["mfu"] = 6 * self.n_params * row["tokens_per_s"] / (self.dist.world_size * self.peak)
                 self.log.log(row, [i for b in micro for i in b.sample_ids])
+                self._budget_skips(row, [sk for b in micro for sk in b.skipped])
                 bar.update(1)
                 bar.set_postfix(text=f"{row['text_loss']:.3f}", vision=f"{row['vision_loss']:.3f}")
                 every = self.cfg.eval_every
@@ -237,7 +296,7 @@ class Trainer:
         scale = world * len(micro)
         names = list(self.source.sources)
         per_source = torch.zeros(len(names), 5, dtype=torch.float64)  # text sum, n, vision sum, n, samples
-        local = torch.zeros(7, dtype=torch.float64)  # text sum, vision sum, tokens, padded, samples, trunc, drop
+        local = torch.zeros(8, dtype=torch.float64)  # text, vision sums, tokens, padded, samples, trunc, drop, skip
         for batch in micro:
             out = self.engine(**batch.model_inputs(dev, self.dtype), return_token_losses=True)
             loss = scale * (
@@ -254,6 +313,7 @@ class Trainer:
                     len(batch.sample_ids),
                     batch.truncated,
                     batch.dropped,
+                    len(batch.skipped),
                 ],
                 dtype=torch.float64,
             )
@@ -261,7 +321,10 @@ class Trainer:
         self.step += 1
         sums = all_reduce(torch.cat([local, per_source.flatten()]), self.engine).cpu()
         slowest = all_reduce([float(local[2])], self.engine, op="max").tolist()[0]
-        (text, vision, tokens, padded, samples, truncated, dropped), src = sums[:7].tolist(), sums[7:].view(-1, 5)
+        (text, vision, tokens, padded, samples, truncated, dropped, skipped), src = (
+            sums[:8].tolist(),
+            sums[8:].view(-1, 5),
+        )
         row = {
             "step": self.step,
             "lr": lr,
@@ -271,6 +334,7 @@ class Trainer:
             "samples": int(samples),
             "truncated": int(truncated),
             "dropped": int(dropped),
+            "skipped": int(skipped),
             "padding_share": 1 - tokens / max(padded, 1),
             "slowest_rank_tokens_ratio": slowest * world / max(tokens, 1),
         }

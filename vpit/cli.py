@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("vpit.pipelines.commands:ingest", "raw source -> instruction shards (Ray Data job)"),
     "precompute": ("vpit.pipelines.commands:precompute", "images -> cached frozen-encoder visual tokens (Ray job)"),
     "inspect": ("vpit.pipelines.commands:inspect", "print a dataset's manifest summary and render samples"),
+    "verify": (
+        "vpit.pipelines.commands:verify",
+        "check every shard against the manifest and every index against its tar",
+    ),
     "mix": ("vpit.mixtures.commands:mix", "plan and inspect mixture specs (exact counts, per-batch ratios)"),
     "train": ("vpit.train.commands:train", "train a VPiT model on a mixture with DeepSpeed ZeRO-3"),
     "eval": ("vpit.train.commands:evaluate", "evaluate a run on its mixture's held-out split"),

@@ -20,6 +20,7 @@ __all__ = [
     "DIST_ENV",
     "init_ray",
     "ray_gcs_address",
+    "user_error_in",
     "muted",
     "pyplot",
     "quiet",
@@ -133,6 +134,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.WARNING if is_verbose() else logging.ERROR)
+
+
+def user_error_in(exc: BaseException) -> BaseException | None:
+    """The VpitError inside an exception a Ray task raised (Ray wraps it, sometimes twice), or None:
+    a user mistake found in a worker then reads as one line, as it would on the driver."""
+    from vpit.errors import VpitError
+
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, VpitError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 def ray_gcs_address() -> str:
