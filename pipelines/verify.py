@@ -173,6 +173,12 @@ def format_report(root: Path, problems: list[ShardProblem], facts: dict[str, Any
             f"cache     {fp}: {len(states.get('ok', []))} shards ok"
             + "".join(f", {k}: {', '.join(v[:5])}" + (" ..." if len(v) > 5 else "") for k, v in bad.items())
         )
+    for fp, states in facts["caches"].items():
+        if set(states) - {"ok"}:
+            lines.append(
+                f"fix       re-run `vpit precompute {root}` with the encoder settings in tokens/{fp}/fingerprint.json: "
+                "it rewrites the partial, stale and missing shards of that cache and keeps the rest"
+            )
     if problems:
         cfg = facts["manifest"].get("config", {})
         names = " ".join(f"shards/{p.shard}.idx.*" for p in problems[:20])

@@ -201,9 +201,8 @@ class Trainer:
             except LockedError as e:
                 why = str(e)
         if self.dist.world_size > 1:
-            flag = torch.tensor([0.0 if why else 1.0], device=self.dist.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            if flag.item() < 1:
+            blocked = all_reduce([1.0 if why else 0.0], self.dist, op="max")  # self.dist has .device
+            if blocked.item() > 0:
                 raise LockedError(why or f"rank 0 could not take {self.run_dir}: another writer holds it")
         elif why:
             raise LockedError(why)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import os
+import signal
 import sys
 import typing
 from typing import Any, Literal
@@ -201,12 +203,65 @@ def main(argv: list[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False)) or os.environ.get("VPIT_VERBOSE") == "1"
     quiet(not verbose)
     label = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
+    # SIGTERM (a scheduler's or `kill`'s) ends the command as Ctrl-C does: cleanly, with one line;
+    # the trainer installs its own handler while it trains (checkpoint at the next step, exit 0).
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         args._command.run(*configs_from_args(args))
     except VpitError as e:
         print(f"vpit {label}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vpit {label}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        code = 143 if isinstance(e, Terminated) else 130
+        what = "terminated (SIGTERM)" if code == 143 else "interrupted"
+        print(f"vpit {label}: {what}; re-run the same command to resume", file=sys.stderr)
+        return code
+    except Exception as e:
+        env = environment_error_in(e)
+        if env is None:
+            raise  # a bug: its traceback shows
+        out = next((getattr(args, n) for n in ("output", "output_dir", "dataset") if getattr(args, n, None)), None)
+        print(f"vpit {label}: error: {describe_environment_error(env, out)}", file=sys.stderr)
+        return 2
+    finally:  # the work is over: a late SIGTERM (during Ray's exit) must not end it with a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt, so no `except Exception` eats it)."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up that follows is not interrupted
+    raise Terminated()
+
+
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def environment_error_in(exc: BaseException) -> OSError | None:
+    """A full disk, a read-only or forbidden folder anywhere in the exception's chain (also inside a
+    Ray task's wrapped error): the machine's state, not a bug, so it gets one line, not a traceback."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def describe_environment_error(e: OSError, output: str | None = None) -> str:
+    """One line: what the system said, where, and what to do. A file name that Ray's re-raise
+    replaced by its own message is not shown; the command's output folder is named instead."""
+    path = e.filename if isinstance(e.filename, str) and "\n" not in e.filename and os.sep in e.filename else output
+    where = f" writing {path}" if path else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space (or raise the quota) and re-run the same command: the finished parts are kept"
+    else:
+        fix = "the folder is not writable: fix its permissions or choose another output, then re-run"
+    return f"{os.strerror(e.errno)}{where}; {fix}"  # not e.strerror: Ray appends a traceback to it

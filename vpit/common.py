@@ -121,6 +121,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
+        import signal
+        import threading
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        term = signal.getsignal(signal.SIGTERM) if main_thread else None
         ray.init(
             address=address,
             num_cpus=num_cpus if address is None else None,
@@ -128,12 +133,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             log_to_driver=is_verbose(),
             logging_level=logging.WARNING,
         )
+        if main_thread and callable(term):  # Ray's core installs a handler that dumps a C++ stack on SIGTERM
+            signal.signal(signal.SIGTERM, term)
     # Our own tqdm bars report progress; Ray Data's per-operator logging would bury them.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING if is_verbose() else logging.ERROR)
+    # A worker's exception reaches the driver as itself (an OSError, a VpitError), not as Ray Data's
+    # UserCodeException, whose cause does not survive pickling: the CLI can then say it in one line.
+    ctx.raise_original_map_exception = True
+    # A failed task is logged by Ray Data with its traceback before it reaches us; we say it in one line.
+    logging.getLogger("ray.data").setLevel(logging.WARNING if is_verbose() else logging.CRITICAL)
 
 
 def user_error_in(exc: BaseException) -> BaseException | None:
