@@ -99,7 +99,10 @@ def _mixture(facts: dict[str, Any]) -> Section:
         (
             Para(
                 f"`{Path(m['spec']).name}` planned to exact counts (plan hash `{m['hash']}`); "
-                f"{m['heldout']:.0%} of every source is held out by id hash for evaluation and never trained on. "
+                f"{m['heldout']:.0%} of every source is held out by id hash for evaluation, with every sample "
+                f"that shares an image with a held-out one ({m.get('leak', {}).get('moved', 0):,} more): the id "
+                f"hash alone would have trained on {m.get('leak', {}).get('by_id', 0):,} samples sharing a "
+                f"held-out image, the image split on {m.get('leak', {}).get('by_image', 0):,}. "
                 "`available` is each source's training split."
             ),
             Table(("source", "group", "kind", "available", "planned", "repeat"), rows),

@@ -126,6 +126,12 @@ def _mixture(out: Path) -> dict[str, Any]:
         "hash": plan.hash,
         "total": plan.total,
         "heldout": plan.spec.heldout,
+        # training samples sharing an image with a held-out one: by id hash alone, and by image
+        "leak": {
+            "by_id": sum(r["leak_by_id"] for r in plan.heldout),
+            "by_image": sum(r["leak_by_image"] for r in plan.heldout),
+            "moved": sum(r["moved"] for r in plan.heldout),
+        },
         "ratio_png": str(spec.with_name("demo.ratio.png")),
         "groups": dict(plan.groups),
         "sources": [

@@ -81,12 +81,19 @@ def is_heldout(sample_id: str, fraction: float) -> bool:
 
 
 def build_catalog(
-    root: str | Path, kind: str | None, where: str, heldout: float = 0.0, split: str = "train"
+    root: str | Path,
+    kind: str | None,
+    where: str,
+    heldout: float = 0.0,
+    split: str = "train",
+    held: np.ndarray | None = None,
+    held_key: str | None = None,
 ) -> Catalog:
     """The catalog of dataset `root` filtered to `kind`. Errors name `where` (e.g. sources.vqa.path).
 
     With `heldout` > 0 the samples whose id hashes below it are left out (split "train") or
-    are the only ones kept (split "heldout").
+    are the only ones kept (split "heldout"). `held` (a bool per sample, from the image-grouped
+    split, named by `held_key`) replaces the id hash.
     """
     root = Path(root)
     manifest = load_manifest(root) if root.is_dir() else None
@@ -104,7 +111,7 @@ def build_catalog(
     picks = None
     mixed = kind is not None and any(0 < s["kinds"].get(kind, 0) < s["samples"] for s in shards)
     if heldout > 0 or mixed:
-        columns = (("kind",) if mixed else ()) + (("id_hash",) if heldout > 0 else ())
+        columns = (("kind",) if mixed else ()) + (("id_hash",) if heldout > 0 and held is None else ())
         arrays = load_catalog_arrays(root, shards, columns)
         keep = np.ones(int(starts[-1]), dtype=bool)
         if mixed:
@@ -112,12 +119,15 @@ def build_catalog(
         elif kind is not None:  # every shard holds one kind: the manifest decides
             keep &= np.repeat([s["kinds"].get(kind, 0) > 0 for s in shards], counts)
         if heldout > 0:
-            held = np.asarray(arrays["id_hash"]) < np.uint64(heldout_threshold(heldout))
+            if held is None:
+                held = np.asarray(arrays["id_hash"]) < np.uint64(heldout_threshold(heldout))
             keep &= held if split == "heldout" else ~held
         picks = np.flatnonzero(keep).astype(np.int64)
     elif kind is not None and any(s["kinds"].get(kind, 0) < s["samples"] for s in shards):
         picks = np.flatnonzero(np.repeat([s["kinds"].get(kind, 0) > 0 for s in shards], counts)).astype(np.int64)
     split_key = [kind] if heldout <= 0 else [kind, heldout, split]  # unchanged hashes for specs without a split
+    if heldout > 0 and held_key is not None:
+        split_key.append(held_key)
     h = hashlib.sha256(
         json.dumps([*split_key, [(s["name"], s["samples"], s["tar_sha256"]) for s in shards]]).encode()
     ).hexdigest()[:16]

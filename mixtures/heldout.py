@@ -1,20 +1,155 @@
 """The held-out split: samples a mixture never trains on, for evaluation.
 
-A sample is held out when a hash of its id falls below the spec's `heldout` fraction
-(`catalog.is_heldout`). The split depends on the id alone, so it is the same for every
-cell of a grid, every seed and every world size: no cell trains on another's test data.
+By id (`heldout: F`, the form of older specs): a sample is held out when a hash of its id
+falls below F (`catalog.is_heldout`). The split depends on the id alone, so it is the same
+for every cell of a grid, every seed and every world size.
+
+By image (`heldout: {fraction: F}`, the default of the mapping form): the id hash picks the
+seed samples, then every sample of any dataset in the mixture that shares an image with a
+held-out sample is held out too, repeated until no training sample shares an image with a
+held-out one (a record with two images can join two groups). Images are the same when their
+sha256 is (the first 8 bytes, kept in the shard index), and, with `near: true`, when their
+difference hashes are within a few bits (`pipelines.image_hash`). Still a function of the
+datasets alone: every cell and seed of a grid that reads the same datasets holds out the same.
+
+The split also counts what the id hash alone would have leaked: training samples that share
+an image with a held-out one. `vpit mix plan` prints both per dataset.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from pathlib import Path
+
 import numpy as np
 
 from vpit.errors import ConfigError
-from vpit.mixtures.catalog import RecordReader, build_catalog
+from vpit.mixtures.catalog import RecordReader, build_catalog, heldout_threshold
 from vpit.mixtures.spec import MixtureSpec
+from vpit.pipelines.image_hash import group_labels
+from vpit.pipelines.shard_index import load_catalog_arrays
+from vpit.pipelines.shards import load_manifest
 from vpit.records import StreamItem
 
-__all__ = ["heldout_items"]
+__all__ = ["ImageSplit", "heldout_items", "image_split", "split_masks"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSplit:
+    """Held-out masks grouped by image, per dataset folder, and what grouping changed."""
+
+    masks: dict[Path, np.ndarray]
+    """Per dataset root: bool over its samples in dataset order, True = held out."""
+    report: tuple[dict, ...]
+    """Per dataset: samples, by_id (the id hash's seed), moved (added by grouping), leak_by_id
+    (training samples that would share an image with a held-out one under the id hash alone),
+    unknown_images (images without a sha256 in the index: they join no group)."""
+
+    def digest(self, root: Path) -> str:
+        return hashlib.sha256(np.packbits(self.masks[root]).tobytes()).hexdigest()[:16]
+
+    def table(self, by: str) -> list[str]:
+        """What `vpit mix plan` prints: per dataset, for the split the spec uses."""
+        if by == "image":
+            lines = ["held out by image (every sample that shares an image with a held-out one):"]
+        else:
+            lines = ["held out by id hash (set heldout: {fraction: F} to hold out by image):"]
+        for r in self.report:
+            unknown = f"; {r['unknown_images']:,} images without a sha256 in the index" if r["unknown_images"] else ""
+            if by == "image":
+                lines.append(
+                    f"  {r['dataset']}: {r['by_id'] + r['moved']:,} of {r['samples']:,} held out "
+                    f"({r['by_id']:,} by id hash + {r['moved']:,} sharing their images); training samples "
+                    f"sharing a held-out image: {r['leak_by_image']:,} (the id hash alone: {r['leak_by_id']:,})"
+                    f"{unknown}"
+                )
+            else:
+                lines.append(
+                    f"  {r['dataset']}: {r['by_id']:,} of {r['samples']:,} held out; LEAK: {r['leak_by_id']:,} "
+                    f"training samples share an image with a held-out one{unknown}"
+                )
+        return lines
+
+
+_CACHE: dict[tuple, ImageSplit] = {}
+
+
+def image_split(spec: MixtureSpec) -> ImageSplit:
+    """The image-grouped held-out split over every dataset the spec's sources read."""
+    roots = list(dict.fromkeys(Path(s.path).resolve() for s in spec.sources))
+    manifests = []
+    for root in roots:
+        manifest = load_manifest(root) if root.is_dir() else None
+        if manifest is None:  # build_catalog names the source and the fix
+            raise ConfigError(f"heldout: {root} holds no manifest.json; point the source at a vpit dataset")
+        manifests.append(manifest)
+    key = (
+        tuple(map(str, roots)),
+        tuple(tuple(s["tar_sha256"] for s in m["shards"]) for m in manifests),
+        spec.heldout,
+        spec.heldout_near,
+    )
+    if key in _CACHE:
+        return _CACHE[key]
+    columns = ("id_hash", "image_start", "image_sha") + (("image_dhash",) if spec.heldout_near else ())
+    arrays = [load_catalog_arrays(root, m["shards"], columns) for root, m in zip(roots, manifests, strict=True)]
+    sizes = [len(a["id_hash"]) for a in arrays]
+    id_hash = np.concatenate([np.asarray(a["id_hash"], dtype=np.uint64) for a in arrays])
+    per_sample = np.concatenate([np.diff(np.asarray(a["image_start"])) for a in arrays])
+    owner = np.repeat(np.arange(len(id_hash)), per_sample)  # the sample each image row belongs to
+    sha = np.concatenate([np.asarray(a["image_sha"], dtype=np.uint64) for a in arrays])
+    near = (
+        np.concatenate([np.asarray(a["image_dhash"], dtype=np.uint64) for a in arrays]) if spec.heldout_near else None
+    )
+    labels = group_labels(sha, near)
+
+    def sharing(held: np.ndarray) -> np.ndarray:
+        """Samples with an image in the same group as an image of a `held` sample."""
+        groups = np.unique(labels[held[owner]])
+        out = np.zeros(len(held), dtype=bool)
+        out[owner[np.isin(labels, groups)]] = True
+        return out
+
+    seed = id_hash < np.uint64(heldout_threshold(spec.heldout))
+    held = seed.copy()
+    while True:  # a sample with several images can bring in another group: to the fixed point
+        grown = held | sharing(held)
+        if np.array_equal(grown, held):
+            break
+        held = grown
+    leak = sharing(seed) & ~seed
+    after = sharing(held) & ~held  # what the grouped split still leaks: none, by construction
+    masks, report, start = {}, [], 0
+    img_start = 0
+    for root, n, a in zip(roots, sizes, arrays, strict=True):
+        sl = slice(start, start + n)
+        rows = int(np.asarray(a["image_start"])[-1])
+        masks[root] = held[sl]
+        report.append(
+            {
+                "dataset": str(root),
+                "samples": n,
+                "by_id": int(seed[sl].sum()),
+                "moved": int((held[sl] & ~seed[sl]).sum()),
+                "leak_by_id": int(leak[sl].sum()),
+                "leak_by_image": int(after[sl].sum()),
+                "unknown_images": int((sha[img_start : img_start + rows] == 0).sum()),
+            }
+        )
+        start, img_start = start + n, img_start + rows
+    split = ImageSplit(masks=masks, report=tuple(report))
+    _CACHE[key] = split
+    return split
+
+
+def split_masks(spec: MixtureSpec) -> tuple[ImageSplit | None, dict[Path, np.ndarray]]:
+    """(the image split, for its report, or None without a held-out split; the held mask per
+    dataset root when the spec holds out by image, else {}: the id hash decides)."""
+    if spec.heldout <= 0:
+        return None, {}
+    split = image_split(spec)
+    return split, (split.masks if spec.heldout_by == "image" else {})
 
 
 def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[StreamItem]:
@@ -27,8 +162,18 @@ def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[
             "in the mixture spec (and retrain: the split changes which samples train)"
         )
     items: list[StreamItem] = []
+    split, masks = split_masks(spec)
     for s in spec.sources:
-        cat = build_catalog(s.path, s.kind, f"sources.{s.name}.path", heldout=spec.heldout, split="heldout")
+        root = Path(s.path).resolve()
+        cat = build_catalog(
+            s.path,
+            s.kind,
+            f"sources.{s.name}.path",
+            heldout=spec.heldout,
+            split="heldout",
+            held=masks.get(root),
+            held_key=split.digest(root) if split else None,
+        )
         n = cat.size if max_per_source is None else min(cat.size, max_per_source)
         picks = np.unique(np.linspace(0, cat.size - 1, n).round().astype(np.int64)) if n else np.zeros(0, np.int64)
         shards, positions = cat.locate(picks)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from vpit.errors import ConfigError, InputError
-from vpit.mixtures.spec import GroupSpec, MixtureSpec, SourceSpec, parse_count
+from vpit.mixtures.spec import HELDOUT_BY, GroupSpec, MixtureSpec, SourceSpec, parse_count
 
 __all__ = ["apply_overrides", "load_raw", "load_spec", "spec_from_dict"]
 
@@ -145,10 +145,16 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
         cache is None or (isinstance(cache, str) and cache != ""),
         f"cache: expected a token-cache fingerprint string, got {cache!r}",
     )
-    heldout = data.get("heldout", 0.0)
+    heldout, heldout_by, heldout_near = data.get("heldout", 0.0), "id", False
+    if isinstance(heldout, dict):  # the mapping form: grouped by image unless it says by: id
+        _unknown("heldout.", heldout, {"fraction", "by", "near"}, p)
+        heldout_by, heldout_near = heldout.get("by", "image"), heldout.get("near", False)
+        p.check(heldout_by in HELDOUT_BY, f"heldout.by: expected one of {', '.join(HELDOUT_BY)}, got {heldout_by!r}")
+        p.check(isinstance(heldout_near, bool), f"heldout.near: expected true or false, got {heldout_near!r}")
+        heldout = heldout.get("fraction", 0.02)
     p.check(
         isinstance(heldout, int | float) and not isinstance(heldout, bool) and 0 <= heldout < 1,
-        f"heldout: expected a fraction in [0, 1), e.g. 0.02, got {heldout!r}",
+        f"heldout: expected a fraction in [0, 1), e.g. 0.02 or {{fraction: 0.02}}, got {heldout!r}",
     )
     total = None
     if data.get("total") is not None:
@@ -225,7 +231,9 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
         repetition=repetition,
         cache=cache,
         total=total,
-        heldout=float(heldout),
+        heldout=float(heldout) if isinstance(heldout, int | float) else 0.0,
+        heldout_by=heldout_by if heldout_by in HELDOUT_BY else "id",
+        heldout_near=heldout_near is True,
         origin=origin,
     )
 

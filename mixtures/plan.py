@@ -27,6 +27,7 @@ from vpit.errors import ConfigError
 from vpit.mixtures.catalog import Catalog, RecordReader, build_catalog
 from vpit.mixtures.quota import apportion
 from vpit.mixtures.spec import MixtureSpec
+from vpit.pipelines.shards import load_manifest
 
 __all__ = ["PLAN_VERSION", "Plan", "SourcePlan", "load_plan", "make_plan", "save_plan", "spec_key", "text_chars"]
 
@@ -74,6 +75,11 @@ class Plan:
     dim: int | None
     """Visual token width (from the cache), None without one."""
     hash: str
+    heldout: tuple[dict, ...] = ()
+    downloads: tuple[tuple[str, dict], ...] = ()
+    """(source, download_arrivals) for sources built from URL downloads: requested vs arrived."""
+    """With a held-out split by image: per dataset, what grouping moved and what the id hash
+    alone would have leaked (`heldout.ImageSplit.report`)."""
 
     @property
     def total(self) -> int:
@@ -141,6 +147,18 @@ class Plan:
                 f"times ({s.repeat:.2f}x, repetition: allow)"
                 for s in repeated
             ]
+        if self.downloads:
+            lines += ["", "downloads (requested URLs against what arrived):"]
+            for name, a in self.downloads:
+                why = ", ".join(f"{k} {v:,}" for k, v in a["reasons"].items())
+                lines.append(
+                    f"  {name}: {a['arrived']:,} of {a['requested']:,} arrived "
+                    f"({a['arrived'] / max(1, a['requested']):.1%})" + (f"; lost to {why}" if why else "")
+                )
+        if self.heldout:
+            from vpit.mixtures.heldout import ImageSplit
+
+            lines += ["", *ImageSplit(masks={}, report=self.heldout).table(self.spec.heldout_by)]
         lines.append(
             f"\n  * estimated: text from {ESTIMATE_SAMPLES} records per source at {CHARS_PER_TOKEN} "
             f"chars/token; visual = images x {self.m}"
@@ -231,9 +249,25 @@ def make_plan(spec: MixtureSpec) -> Plan:
     """Resolve the spec against its datasets. Raises ValueError listing every problem and its fix."""
     problems: list[str] = []
     catalogs: dict[str, Catalog] = {}
-    for s in spec.sources:
+    grouping, masks = None, {}
+    if spec.heldout > 0:
+        from vpit.mixtures.heldout import split_masks
+
         try:
-            catalogs[s.name] = build_catalog(s.path, s.kind, f"sources.{s.name}.path", heldout=spec.heldout)
+            grouping, masks = split_masks(spec)
+        except ValueError:
+            pass  # a source folder without a manifest: build_catalog below names it and its fix
+    for s in spec.sources:
+        root = Path(s.path).resolve()
+        try:
+            catalogs[s.name] = build_catalog(
+                s.path,
+                s.kind,
+                f"sources.{s.name}.path",
+                heldout=spec.heldout,
+                held=masks.get(root),
+                held_key=grouping.digest(root) if grouping and root in masks else None,
+            )
         except ValueError as e:
             problems.append(str(e))
             continue
@@ -265,7 +299,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
         if over and spec.repetition == "error":
             most = _most_feasible(g, list(split), catalogs, dict(g.shares))
             field = f"groups.{g.name}.count" if spec.total is None else f"total (or groups.{g.name}.weight)"
-            detail = ", ".join(f"{n} needs {split[n]:,} of {catalogs[n].size:,}" for n in over)
+            detail = ", ".join(f"{n} needs {split[n]:,} of {catalogs[n].size:,}{_shortfall(catalogs[n])}" for n in over)
             problems.append(
                 f"{field}: group {g.name} asks for {amount:,} samples but {detail}; lower it to at most "
                 f"{most:,}, add sources to group {g.name}, or set repetition: allow"
@@ -299,7 +333,50 @@ def make_plan(spec: MixtureSpec) -> Plan:
         "sources": [(s.name, s.group, s.kind, s.catalog.fingerprint, s.count) for s in sources],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Plan(spec=spec, sources=tuple(sources), groups=groups, m=m, dim=dim, hash=digest)
+    heldout = tuple(grouping.report) if grouping else ()
+    downloads = tuple((s.name, a) for s in sources if (a := download_arrivals(s.catalog.root)))
+    return Plan(
+        spec=spec,
+        sources=tuple(sources),
+        groups=groups,
+        m=m,
+        dim=dim,
+        hash=digest,
+        heldout=heldout,
+        downloads=downloads,
+    )
+
+
+def download_arrivals(root: Path) -> dict | None:
+    """For a dataset built from a URL download (vpit ingest pairs): URLs requested, samples that
+    arrived, and why the rest did not (quarantine reasons). None for other datasets."""
+    from collections import Counter
+
+    manifest = load_manifest(root)
+    if not manifest or manifest.get("config", {}).get("adapter") != "pairs":
+        return None
+    reasons: Counter = Counter()
+    for entry in manifest["shards"]:
+        reasons.update(entry.get("quarantined", {}))
+
+    def urls(entry: dict) -> int:  # "records": the [first, end) input rows the shard was made from
+        r = entry.get("records", entry["samples"])
+        return int(r[1]) - int(r[0]) if isinstance(r, list) else int(r)
+
+    requested = sum(urls(e) for e in manifest["shards"])
+    arrived = sum(int(e["samples"]) for e in manifest["shards"])
+    return {"requested": requested, "arrived": arrived, "reasons": dict(reasons.most_common(3))}
+
+
+def _shortfall(catalog: Catalog) -> str:
+    a = download_arrivals(catalog.root)
+    if a is None:
+        return ""
+    why = ", ".join(f"{k} {v:,}" for k, v in a["reasons"].items())
+    return (
+        f" (downloaded: {a['arrived']:,} of {a['requested']:,} URLs arrived, "
+        f"{a['arrived'] / max(1, a['requested']):.1%}{'; lost to ' + why if why else ''})"
+    )
 
 
 def spec_key(spec: MixtureSpec) -> str:
@@ -338,6 +415,7 @@ def save_plan(plan: Plan, folder: str | Path) -> Path:
         "m": plan.m,
         "dim": plan.dim,
         "sources": sources,
+        "heldout": list(plan.heldout),
     }
     (tmp / "plan.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     if folder.exists():
@@ -372,4 +450,13 @@ def load_plan(folder: str | Path, spec: MixtureSpec) -> Plan:
             )
         )
     groups = tuple((g, int(c)) for g, c in meta["groups"])
-    return Plan(spec=spec, sources=tuple(sources), groups=groups, m=meta["m"], dim=meta["dim"], hash=meta["hash"])
+    heldout = tuple(meta.get("heldout", ()))
+    return Plan(
+        spec=spec,
+        sources=tuple(sources),
+        groups=groups,
+        m=meta["m"],
+        dim=meta["dim"],
+        hash=meta["hash"],
+        heldout=heldout,
+    )

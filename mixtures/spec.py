@@ -7,7 +7,7 @@ sources, a seed, the repetition policy and the token-cache fingerprint. Example:
     include: base.yaml            # optional: this file's keys override the included file's
     seed: 0
     repetition: error             # error | allow
-    heldout: 0.02                 # 2% of every source, by id hash, kept for evaluation only
+    heldout: {fraction: 0.02}     # 2% held out for evaluation only, grouped by image (see below)
     cache: 3f2a9c1e0b7d4a55       # token-cache fingerprint (vpit precompute prints it)
     sources:
       vqa:   {path: ../data/vqa, group: understanding}
@@ -20,6 +20,13 @@ The YAML -> dataclass step is our own small checker rather than a schema library
 needs to name the YAML path of every problem (`groups.generation.count: ...`), collect
 all of them at once, and understand count suffixes and includes, which is most of the code
 either way. Problems raise `ValueError` listing every bad field and what to change.
+
+Held-out split. `heldout: {fraction: F}` (by: image, the default of this form) holds out the
+samples whose id hashes below F and, with them, every sample of any source of the mixture that
+shares an image with a held-out one (exact: the same sha256; `near: true` also groups
+re-encoded or resized copies by their difference hash), until no training sample shares an
+image with a held-out one. `heldout: F` (a bare number, the form of older specs) keeps the id
+hash alone, and so its split, unless the spec opts in with the mapping.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ __all__ = ["REPETITION", "SPLITS", "GroupSpec", "MixtureSpec", "SourceSpec", "pa
 
 SPLITS = ("proportional", "equal", "explicit")
 REPETITION = ("error", "allow")
+HELDOUT_BY = ("image", "id")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMB]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9}
@@ -155,6 +163,10 @@ class MixtureSpec:
     heldout: float = 0.0
     """Fraction of every source held out for evaluation, chosen by a hash of the sample id: the
     stream never yields a held-out sample, `heldout_items` yields only those."""
+    heldout_by: str = "id"
+    """id: the id hash alone; image: also every sample sharing an image with a held-out one."""
+    heldout_near: bool = False
+    """With heldout_by image: group near-duplicate images (difference hash) too."""
     origin: str = "<spec>"
     """The YAML file the spec came from (messages only; not part of the plan hash)."""
 
@@ -164,6 +176,10 @@ class MixtureSpec:
             problems.append(f"seed: expected an integer >= 0, got {self.seed!r}")
         if isinstance(self.heldout, bool) or not isinstance(self.heldout, int | float) or not 0 <= self.heldout < 1:
             problems.append(f"heldout: expected a fraction in [0, 1), e.g. 0.02, got {self.heldout!r}")
+        if self.heldout_by not in HELDOUT_BY:
+            problems.append(f"heldout.by: expected one of {', '.join(HELDOUT_BY)}, got {self.heldout_by!r}")
+        if self.heldout_near and self.heldout_by != "image":
+            problems.append("heldout.near: only with by: image (near duplicates are images)")
         if self.repetition not in REPETITION:
             problems.append(f"repetition: expected one of {', '.join(REPETITION)}, got {self.repetition!r}")
         if self.cache is not None and (not isinstance(self.cache, str) or not self.cache):
@@ -218,8 +234,10 @@ class MixtureSpec:
         out: dict[str, Any] = {"seed": self.seed, "repetition": self.repetition, "cache": self.cache}
         if self.total is not None:
             out["total"] = self.total
-        if self.heldout:
+        if self.heldout and self.heldout_by == "id":
             out["heldout"] = self.heldout
+        elif self.heldout:
+            out["heldout"] = {"fraction": self.heldout, "by": self.heldout_by, "near": self.heldout_near}
         out["sources"] = {
             s.name: {"path": str(s.path), "group": s.group, **({"kind": s.kind} if s.kind else {})}
             for s in self.sources

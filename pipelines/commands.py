@@ -9,6 +9,7 @@ import dataclasses
 
 from vpit.config import Command, Group, path_field
 from vpit.model.encoder import EncoderConfig
+from vpit.pipelines.dedup import DedupConfig
 from vpit.pipelines.editing import EditingAdapter, EditingConfig
 from vpit.pipelines.ingest import IngestJob, IngestReport, run_ingest
 from vpit.pipelines.inspect import InspectConfig, describe_dataset
@@ -18,7 +19,7 @@ from vpit.pipelines.precompute import PrecomputeConfig, run_precompute
 from vpit.pipelines.verify import VerifyConfig
 from vpit.pipelines.video import VideoPredictionAdapter, VideoPredictionConfig, VideoQAAdapter, VideoQAConfig
 
-__all__ = ["ingest", "inspect", "precompute", "verify"]
+__all__ = ["dedup", "ingest", "inspect", "precompute", "verify"]
 
 
 def _report(report: IngestReport) -> None:
@@ -42,6 +43,23 @@ def _adapter_command(adapter_cls, config_cls, summary: str, description: str) ->
 
 
 def _ingest_pairs(config: PairsConfig, job: IngestJob) -> None:
+    if config.estimate_attrition:
+        import tempfile
+        from pathlib import Path
+
+        from vpit.pipelines.pairs import estimate_attrition
+
+        with tempfile.TemporaryDirectory(prefix="vpit-attrition-") as work:
+            e = estimate_attrition(config, Path(work))
+        lo, hi = e["interval"]
+        errors = "".join(f"\n  {n:>6}  {msg}" for msg, n in e["errors"].items())
+        print(
+            f"attrition  {e['arrived']} of {e['sampled']} sampled URLs arrived ({e['rate']:.1%}, 95% interval "
+            f"{lo:.1%}-{hi:.1%})\npredicted  {e['predicted']:,} of {e['urls']:,} URLs will arrive "
+            f"({e['predicted_interval'][0]:,}-{e['predicted_interval'][1]:,}); size mixture counts on that, "
+            "not on the URL count" + (f"\nwhy the rest fail:{errors}" if errors else "")
+        )
+        return
     report, stats = ingest_pairs(config, job.output, workers=job.workers, ray_address=job.ray_address)
     errors = "".join(f"\n  {n:>6}  {msg}" for msg, n in stats["errors"].items())
     print(
@@ -165,4 +183,22 @@ verify = Command(
     run=_verify,
     configs=(VerifyConfig,),
     positional=("dataset",),
+)
+
+
+def _dedup(cfg: DedupConfig) -> None:
+    from vpit.pipelines.dedup import find_duplicates, format_dedup
+
+    print(format_dedup(find_duplicates(cfg), cfg.near_distance))
+
+
+dedup = Command(
+    summary="exact and near duplicate images within and across datasets",
+    description="Compare the images of DATASET... by sha256 (exact) and by difference hash (near: re-encoded or "
+    "resized copies), from the shard indexes alone. Prints the images that have a copy, the copies that could "
+    "go and their bytes, the groups that span datasets, and the largest groups with the samples that use them. "
+    "A mixture can hold out every sample sharing an image with a held-out one: heldout: {fraction: F, near: true}.",
+    run=_dedup,
+    configs=(DedupConfig,),
+    positional=("datasets",),
 )

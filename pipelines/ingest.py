@@ -30,7 +30,7 @@ from vpit.config import path_field
 from vpit.errors import ConfigError, VpitError
 from vpit.lock import FolderLock
 from vpit.pipelines.sample import Rejected, Sample
-from vpit.pipelines.shard_index import load_catalog_arrays
+from vpit.pipelines.shard_index import ALL_COLUMNS, load_catalog_arrays
 from vpit.pipelines.shards import FORMAT_VERSION, load_manifest, shard_name, write_shard
 from vpit.records import Manifest, QuarantineLine, ShardEntry
 
@@ -362,7 +362,7 @@ def _run_ingest(
         manifest = _write_manifest(root, config, len(tasks), done)
     _rebuild_quarantine(root, len(tasks))
     if manifest["complete"]:  # the planner's per-sample columns, built once
-        load_catalog_arrays(root, manifest["shards"], (), write=True)
+        load_catalog_arrays(root, manifest["shards"], ALL_COLUMNS, write=True)  # rebuilt if a column is new
     return IngestReport(
         output=root,
         shards_total=len(tasks),

@@ -11,11 +11,13 @@ a quarter of the JSON's size and parsed in microseconds. Loaders and precompute 
     image_start   int64 (n + 1,)     sample p owns image rows image_start[p]:image_start[p+1]
     images        int64 (rows, 2)    [offset, size] of each image member, in record["images"] order
     image_sha     uint64 (rows,)     the first 8 bytes of each image's sha256 (0: unknown)
+    image_dhash   uint64 (rows,)     each image's difference hash (`image_hash.dhash`; 0: unknown)
     tar_bytes     int64 ()           the tar's size: a loader refuses a tar of another size
 
 At the end of an ingest the per-sample columns of every shard are concatenated into
-`catalog/` (one .npy each: shard_starts, kind, id_hash), so a planner with a `kind:` filter
-or a held-out split reads three memory-mappable arrays instead of 20k indexes.
+`catalog/` (one .npy each: shard_starts, kind, id_hash, and per image image_start,
+image_sha, image_dhash), so a planner with a `kind:` filter or a held-out split (by id or by
+image) reads a few memory-mappable arrays instead of 20k indexes.
 
 npz and npy, not a format of our own: numpy reads them with `allow_pickle=False`, so a
 hostile file cannot run code, and other tools can open them.
@@ -38,6 +40,7 @@ from vpit.pipelines.sample import KINDS
 from vpit.records import ShardEntry, ShardIndex
 
 __all__ = [
+    "ALL_COLUMNS",
     "CATALOG_DIR",
     "ShardArrays",
     "build_catalog_arrays",
@@ -68,6 +71,7 @@ class ShardArrays:
     image_start: np.ndarray
     images: np.ndarray
     image_sha: np.ndarray
+    image_dhash: np.ndarray
     tar_bytes: int
 
     def __len__(self) -> int:
@@ -80,9 +84,12 @@ class ShardArrays:
         return self.images[self.image_start[position] : self.image_start[position + 1]]
 
 
-def index_arrays(idx: ShardIndex, image_sha: list[list[str]] | None = None) -> ShardArrays:
+def index_arrays(
+    idx: ShardIndex, image_sha: list[list[str]] | None = None, image_dhash: list[int] | None = None
+) -> ShardArrays:
     """The binary index of a JSON index. `image_sha` (per sample, the records' image sha256s)
-    fills image_sha; without it (an index written before binary indexes) it stays 0."""
+    and `image_dhash` (per image row) fill those columns; without them (an index written before
+    binary indexes) they stay 0."""
     samples = idx["samples"]
     n = len(samples)
     spans, starts = [], [0]
@@ -103,6 +110,7 @@ def index_arrays(idx: ShardIndex, image_sha: list[list[str]] | None = None) -> S
         image_start=np.array(starts, dtype=np.int64),
         images=np.array(spans, dtype=np.int64).reshape(len(spans), 2),
         image_sha=sha,
+        image_dhash=np.array(image_dhash if image_dhash is not None else [0] * len(spans), dtype=np.uint64),
         tar_bytes=int(idx["tar_bytes"]),
     )
 
@@ -125,7 +133,9 @@ def load_shard_arrays(root: str | Path, name: str) -> ShardArrays:
     path = _npz_path(root, name)
     try:
         with np.load(path, allow_pickle=False) as z:
-            fields = {f.name: z[f.name] for f in dataclasses.fields(ShardArrays)}
+            fields = {f.name: z[f.name] for f in dataclasses.fields(ShardArrays) if f.name in z.files}
+        for name in _ADDED:  # an index written before the column existed: unknown (0) per image
+            fields.setdefault(name, np.zeros(len(fields["images"]), dtype=np.uint64))
     except FileNotFoundError:
         json_path = root / "shards" / f"{name}.idx.json"
         try:
@@ -141,7 +151,10 @@ def load_shard_arrays(root: str | Path, name: str) -> ShardArrays:
     return ShardArrays(**fields)
 
 
+_ADDED = ("image_dhash",)
 _COLUMNS = ("kind", "id_hash")
+_IMAGE_COLUMNS = ("image_sha", "image_dhash")
+ALL_COLUMNS = (*_COLUMNS, "image_start", *_IMAGE_COLUMNS)
 
 
 def _shards_digest(shards: list[ShardEntry]) -> str:
@@ -149,24 +162,32 @@ def _shards_digest(shards: list[ShardEntry]) -> str:
     return hashlib.sha256(json.dumps([(s["name"], s["tar_sha256"]) for s in shards]).encode()).hexdigest()
 
 
+def _concatenate(root: Path, shard_names: list[str], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The shards' columns end to end: per-sample ones (kind, id_hash), per-image ones
+    (image_sha, image_dhash), image_start renumbered to global image rows, and shard_starts."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns if c != "image_start"}
+    starts, image_start = [0], [np.zeros(1, np.int64)]
+    for name in shard_names:
+        arrays = load_shard_arrays(root, name)
+        for c in parts:
+            parts[c].append(np.asarray(getattr(arrays, c)))
+        image_start.append(image_start[-1][-1] + np.asarray(arrays.image_start[1:], dtype=np.int64))
+        starts.append(starts[-1] + len(arrays))
+    out = {"shard_starts": np.array(starts, dtype=np.int64)}
+    for c, arrs in parts.items():
+        out[c] = np.concatenate(arrs).astype(np.uint8 if c == "kind" else np.uint64) if arrs else np.zeros(0, np.uint64)
+    if "image_start" in columns:
+        out["image_start"] = np.concatenate(image_start).astype(np.int64)
+    return out
+
+
 def build_catalog_arrays(root: str | Path, shards: list[ShardEntry]) -> None:
-    """Concatenate the shards' per-sample columns into ROOT/catalog/*.npy (one pass, at ingest end)."""
+    """Concatenate the shards' columns into ROOT/catalog/*.npy (one pass, at ingest end)."""
     root = Path(root)
     out = root / CATALOG_DIR
     out.mkdir(exist_ok=True)
     (out / "catalog.json").unlink(missing_ok=True)  # written last: its presence marks the arrays whole
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in _COLUMNS}
-    starts = [0]
-    for name in (s["name"] for s in shards):
-        arrays = load_shard_arrays(root, name)
-        for c in _COLUMNS:
-            parts[c].append(getattr(arrays, c))
-        starts.append(starts[-1] + len(arrays))
-    columns = {"shard_starts": np.array(starts, dtype=np.int64)}
-    columns.update({c: np.concatenate(parts[c]) if parts[c] else np.zeros(0, np.uint64) for c in _COLUMNS})
-    columns["kind"] = columns["kind"].astype(np.uint8)
-    columns["id_hash"] = columns["id_hash"].astype(np.uint64)
-    for c, arr in columns.items():
+    for c, arr in _concatenate(root, [s["name"] for s in shards], ALL_COLUMNS).items():
         tmp = out / f"{c}.tmp.npy"
         np.save(tmp, arr, allow_pickle=False)
         os.replace(tmp, out / f"{c}.npy")
@@ -203,8 +224,4 @@ def load_catalog_arrays(
 
 
 def _in_memory(root: Path, shard_names: list[str], wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
-    per = [load_shard_arrays(root, n) for n in shard_names]
-    out = {"shard_starts": np.concatenate([[0], np.cumsum([len(a) for a in per])]).astype(np.int64)}
-    for c in wanted[1:]:
-        out[c] = np.concatenate([getattr(a, c) for a in per]) if per else np.zeros(0)
-    return out
+    return _concatenate(root, shard_names, wanted[1:])

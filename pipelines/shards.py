@@ -29,6 +29,7 @@ from pathlib import Path
 
 from vpit.common import save_json_atomic
 from vpit.errors import InputError
+from vpit.pipelines.image_hash import dhash
 from vpit.pipelines.open_files import DEFAULT_OPEN_SHARDS
 from vpit.pipelines.sample import Sample
 from vpit.pipelines.shard_index import index_arrays, load_shard_arrays, write_index_arrays
@@ -73,7 +74,7 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
     name = shard_name(index)
     tar_path = shard_dir / f"{name}.tar"
     tmp_path = shard_dir / f"{name}.tar.tmp"
-    entries, image_sha = [], []
+    entries, image_sha, image_dhash = [], [], []
     with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, sample in samples:
             record = dict(sample.record, key=key)
@@ -82,6 +83,7 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
                 _add_member(tar, f"{key}.{entry['member']}", data)
             entries.append({"key": key, "id": record["id"], "kind": record["kind"]})
             image_sha.append([img["sha256"] for img in record["images"]])
+            image_dhash += [dhash(data) for data in sample.images]  # near-duplicate key, for dedup and held-out
     # Offsets are read back from the finished tar rather than predicted while writing:
     # tarfile's header sizes then never have to be second-guessed.
     members: dict[str, dict[str, list[int]]] = {}
@@ -102,7 +104,7 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
         "kinds": dict(sorted(Counter(e["kind"] for e in entries).items())),
         "samples": entries,
     }
-    write_index_arrays(root, name, index_arrays(idx, image_sha))  # the compact index loaders read
+    write_index_arrays(root, name, index_arrays(idx, image_sha, image_dhash))  # the compact index loaders read
     save_json_atomic(shard_dir / f"{name}.idx.json", idx)  # last: marks the shard whole
     return idx
 

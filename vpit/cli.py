@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vpit.pipelines.commands:verify",
         "check every shard against the manifest and every index against its tar",
     ),
+    "dedup": ("vpit.pipelines.commands:dedup", "exact and near duplicate images within and across datasets"),
     "mix": ("vpit.mixtures.commands:mix", "plan and inspect mixture specs (exact counts, per-batch ratios)"),
     "train": ("vpit.train.commands:train", "train a VPiT model on a mixture with DeepSpeed ZeRO-3"),
     "eval": ("vpit.train.commands:evaluate", "evaluate a run on its mixture's held-out split"),
@@ -77,8 +78,14 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, cmd: Command, prefix
         text = (docs.get(f.name, "") + _default_text(f)).replace("%", "%%")
         dests.append(dest)
         if dest in cmd.positional:
+            many = typing.get_origin(unwrap_optional(tp)[0]) in (list, tuple)  # e.g. vpit dedup DATASET...
             parser.add_argument(
-                dest, nargs="?", type=CliValue, default=argparse.SUPPRESS, help=text, metavar=f.name.upper()
+                dest,
+                nargs="*" if many else "?",
+                type=str if many else CliValue,
+                default=argparse.SUPPRESS,
+                help=text,
+                metavar=f.name.upper().rstrip("S") if many else f.name.upper(),
             )
             continue
         flags = (["-" + dest] if len(dest) == 1 else []) + ["--" + dest.replace("_", "-")]

@@ -202,6 +202,8 @@ def resolve_paths(cls: type, data: Any, folder: Path) -> Any:
             resolved = p if p.is_absolute() else (folder / p).resolve()
             if resolved.exists() or not f.metadata.get("or_name"):
                 out[f.name] = str(resolved)
+        elif "path" in f.metadata and isinstance(value, list | tuple):  # a list of paths
+            out[f.name] = [str((folder / Path(v).expanduser()).resolve()) for v in value]
         elif dataclasses.is_dataclass(tp):
             out[f.name] = resolve_paths(tp, value, folder)
     return out

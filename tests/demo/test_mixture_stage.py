@@ -13,11 +13,13 @@ def test_demo_stage_writes_a_feasible_spec_over_present_datasets(tmp_path, capsy
     spec = mixture_stage(tmp_path, batch_size=8, steps=3)
     out = capsys.readouterr().out
     plan = make_plan(load_spec(spec))
-    # 10% of each source held out by id hash: 80% of understanding's training split, all of editing's
-    assert plan.spec.heldout == 0.1
+    # 10% of each source held out, grouped by image: 80% of understanding's training split, all of editing's
+    assert plan.spec.heldout == 0.1 and plan.spec.heldout_by == "image"
     available = {s.name: s.available for s in plan.sources}
-    assert available == {"shapes_vqa": 38, "shapes_chat": 7, "edits": 6}
-    assert plan.counts == {"shapes_vqa": 30, "shapes_chat": 5, "edits": 6}  # 30 + 5 = 35, split 38:7
+    # 16-pixel scenes repeat: one vqa and one edit sample share an image with a held-out sample
+    assert available == {"shapes_vqa": 37, "shapes_chat": 7, "edits": 5}
+    assert plan.counts == {"shapes_vqa": 29, "shapes_chat": 5, "edits": 5}  # 29 + 5 = 34, split 37:7
+    assert "held out by image" in out and "training samples sharing a held-out image: 0" in out
     assert make_plan(load_spec(write_demo_spec(tmp_path, heldout=0))).counts == {
         "shapes_vqa": 32,
         "shapes_chat": 8,

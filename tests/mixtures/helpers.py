@@ -18,7 +18,7 @@ from vpit.pipelines.shards import FORMAT_VERSION, write_shard
 from vpit.shapes import caption, encode_image, random_scene, render
 
 
-def _sample(source: str, i: int, kind: str, rng: np.random.Generator) -> Sample:
+def _sample(source: str, i: int, kind: str, rng: np.random.Generator, image: bytes | None = None) -> Sample:
     scene = random_scene(rng)
     text = caption(scene)
     images: list[bytes] = []
@@ -28,7 +28,7 @@ def _sample(source: str, i: int, kind: str, rng: np.random.Generator) -> Sample:
             {"role": "assistant", "content": [{"text": text}]},
         ]
     else:
-        images = [encode_image(render(scene, 16))]
+        images = [image if image is not None else encode_image(render(scene, 16))]
         if kind == "generation":
             messages = [
                 {"role": "user", "content": [{"text": f"Generate an image of {text}"}]},
@@ -50,15 +50,18 @@ def _sample(source: str, i: int, kind: str, rng: np.random.Generator) -> Sample:
     return Sample(record=record, images=images)
 
 
-def make_dataset(root: Path, source: str, shards: list[list[str]], seed: int = 0) -> Path:
-    """A dataset at `root` whose shard i holds samples of the kinds `shards[i]`, in that order."""
+def make_dataset(
+    root: Path, source: str, shards: list[list[str]], seed: int = 0, images: dict[int, bytes] | None = None
+) -> Path:
+    """A dataset at `root` whose shard i holds samples of the kinds `shards[i]`, in that order.
+    `images`: sample number -> the image bytes it uses (default: a scene of its own)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     entries, n = [], 0
     for s, kinds in enumerate(shards):
         samples = []
         for kind in kinds:
-            samples.append((f"{n:09d}", _sample(source, n, kind, rng)))
+            samples.append((f"{n:09d}", _sample(source, n, kind, rng, (images or {}).get(n))))
             n += 1
         idx = write_shard(root, s, samples)
         entries.append(

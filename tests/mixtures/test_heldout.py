@@ -58,5 +58,7 @@ def test_heldout_shrinks_what_is_available(tmp_path, mix_data):
         make_plan(_spec(tmp_path, mix_data, 0.5, gen=20))  # 20 generation samples exist, about half are held out
     path = mix_data["root"] / "bad-heldout.yaml"
     path.write_text(spec_text(None) + "heldout: 1.5\n")
-    with pytest.raises(ValueError, match=r"heldout: expected a fraction in \[0, 1\), e.g. 0.02, got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"heldout: expected a fraction in \[0, 1\), e.g. 0.02 or \{fraction: 0.02\}, got 1.5"
+    ):
         load_spec(path)

@@ -279,3 +279,48 @@ def test_the_ray_distributor_downloads_on_the_cluster_vpit_runs_on(served, refer
     assert (report.samples, report.quarantined) == (ref_report.samples, ref_report.quarantined)
     assert stats["shards"] == 3 and stats["successes"] == N + 3
     assert [s["tar_sha256"] for s in Dataset(tmp_path / "ds").shards] == [s["tar_sha256"] for s in Dataset(out).shards]
+
+
+def test_the_plan_shows_requested_against_arrived_and_names_the_shortfall(reference, tmp_path):
+    """URLs that did not arrive are not plannable: the plan says what was asked and what came,
+    and a spec asking for more fails naming the shortfall and why."""
+    from vpit.errors import ConfigError
+    from vpit.mixtures import load_spec, make_plan
+
+    out, report, stats = reference
+    requested, arrived = stats["count"], N  # img2dataset successes, less the 3 our checks quarantine
+    spec = tmp_path / "spec.yaml"
+    for count in (arrived, arrived + 1):
+        spec.write_text(f"sources: {{pairs: {{path: {out}, group: generation}}}}\ngroups: {{generation: {count}}}\n")
+        if count == arrived:
+            table = make_plan(load_spec(spec)).table()
+            assert f"pairs: {arrived:,} of {requested:,} arrived" in table, table
+        else:
+            with pytest.raises(ConfigError) as e:
+                make_plan(load_spec(spec))
+            assert f"downloaded: {arrived:,} of {requested:,} URLs arrived" in str(e.value)
+            assert "download_failed 1" in str(e.value)
+
+
+def test_estimate_attrition_predicts_the_arrivals_from_a_sample(served, reference, tmp_path):
+    from vpit.pipelines.pairs import estimate_attrition
+
+    root, info = served
+    _, _, stats = reference
+    cfg = PairsConfig(input=str(info["url_list"]), threads=8, estimate_attrition=15)
+    e = estimate_attrition(cfg, tmp_path / "est", progress=False)
+    assert e["urls"] == stats["count"] and e["sampled"] == 15
+    lo, hi = e["predicted_interval"]
+    assert lo <= stats["successes"] <= hi and lo < e["predicted"] <= hi
+    # the CLI prints it and ingests nothing
+    out = tmp_path / "nothing"
+    res = subprocess.run(
+        vpit_argv("ingest", "pairs", str(info["url_list"]), "-o", str(out), "--estimate-attrition", "10"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "predicted" in res.stdout and f"of {stats['count']:,} URLs will arrive" in res.stdout
+    assert not (out / "manifest.json").exists()
