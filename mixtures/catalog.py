@@ -88,12 +88,14 @@ def build_catalog(
     split: str = "train",
     held: np.ndarray | None = None,
     held_key: str | None = None,
+    drop: np.ndarray | None = None,
 ) -> Catalog:
     """The catalog of dataset `root` filtered to `kind`. Errors name `where` (e.g. sources.vqa.path).
 
     With `heldout` > 0 the samples whose id hashes below it are left out (split "train") or
     are the only ones kept (split "heldout"). `held` (a bool per sample, from the image-grouped
-    split, named by `held_key`) replaces the id hash.
+    split, named by `held_key`) replaces the id hash. `drop` (a bool per sample: duplicates the
+    spec's `dedup` leaves out) removes samples from the training split.
     """
     root = Path(root)
     manifest = load_manifest(root) if root.is_dir() else None
@@ -110,7 +112,7 @@ def build_catalog(
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     picks = None
     mixed = kind is not None and any(0 < s["kinds"].get(kind, 0) < s["samples"] for s in shards)
-    if heldout > 0 or mixed:
+    if heldout > 0 or mixed or drop is not None:
         columns = (("kind",) if mixed else ()) + (("id_hash",) if heldout > 0 and held is None else ())
         arrays = load_catalog_arrays(root, shards, columns)
         keep = np.ones(int(starts[-1]), dtype=bool)
@@ -122,12 +124,16 @@ def build_catalog(
             if held is None:
                 held = np.asarray(arrays["id_hash"]) < np.uint64(heldout_threshold(heldout))
             keep &= held if split == "heldout" else ~held
+        if drop is not None and split == "train":
+            keep &= ~drop
         picks = np.flatnonzero(keep).astype(np.int64)
     elif kind is not None and any(s["kinds"].get(kind, 0) < s["samples"] for s in shards):
         picks = np.flatnonzero(np.repeat([s["kinds"].get(kind, 0) > 0 for s in shards], counts)).astype(np.int64)
     split_key = [kind] if heldout <= 0 else [kind, heldout, split]  # unchanged hashes for specs without a split
     if heldout > 0 and held_key is not None:
         split_key.append(held_key)
+    if drop is not None and split == "train":
+        split_key.append(["dedup", hashlib.sha256(np.packbits(drop).tobytes()).hexdigest()[:16]])
     h = hashlib.sha256(
         json.dumps([*split_key, [(s["name"], s["samples"], s["tar_sha256"]) for s in shards]]).encode()
     ).hexdigest()[:16]

@@ -32,7 +32,7 @@ from vpit.pipelines.shard_index import load_catalog_arrays
 from vpit.pipelines.shards import load_manifest
 from vpit.records import StreamItem
 
-__all__ = ["ImageSplit", "heldout_items", "image_split", "split_masks"]
+__all__ = ["ImageSplit", "duplicate_masks", "heldout_items", "image_split", "mixture_images", "split_masks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,37 +72,64 @@ class ImageSplit:
         return lines
 
 
-_CACHE: dict[tuple, ImageSplit] = {}
+@dataclasses.dataclass(frozen=True)
+class MixtureImages:
+    """Every sample and image of the datasets a spec reads, end to end in spec order."""
+
+    roots: list[Path]
+    sizes: list[int]
+    """Samples per dataset."""
+    id_hash: np.ndarray
+    kind: np.ndarray
+    owner: np.ndarray
+    """The sample (global number) each image row belongs to."""
+    sha: np.ndarray
+    near: np.ndarray
+
+    def labels(self, near: bool) -> np.ndarray:
+        """A group label per image: the same picture (sha256, and with `near` its close copies)."""
+        return group_labels(self.sha, self.near if near else None)
 
 
-def image_split(spec: MixtureSpec) -> ImageSplit:
-    """The image-grouped held-out split over every dataset the spec's sources read."""
+_CACHE: dict[tuple, object] = {}
+
+
+def mixture_images(spec: MixtureSpec) -> MixtureImages:
     roots = list(dict.fromkeys(Path(s.path).resolve() for s in spec.sources))
     manifests = []
     for root in roots:
         manifest = load_manifest(root) if root.is_dir() else None
         if manifest is None:  # build_catalog names the source and the fix
-            raise ConfigError(f"heldout: {root} holds no manifest.json; point the source at a vpit dataset")
+            raise ConfigError(f"{root} holds no manifest.json; point the source at a vpit dataset")
         manifests.append(manifest)
-    key = (
-        tuple(map(str, roots)),
-        tuple(tuple(s["tar_sha256"] for s in m["shards"]) for m in manifests),
-        spec.heldout,
-        spec.heldout_near,
-    )
+    key = ("images", tuple(map(str, roots)), tuple(tuple(s["tar_sha256"] for s in m["shards"]) for m in manifests))
     if key in _CACHE:
         return _CACHE[key]
-    columns = ("id_hash", "image_start", "image_sha") + (("image_dhash",) if spec.heldout_near else ())
+    columns = ("id_hash", "kind", "image_start", "image_sha", "image_dhash")
     arrays = [load_catalog_arrays(root, m["shards"], columns) for root, m in zip(roots, manifests, strict=True)]
-    sizes = [len(a["id_hash"]) for a in arrays]
     id_hash = np.concatenate([np.asarray(a["id_hash"], dtype=np.uint64) for a in arrays])
     per_sample = np.concatenate([np.diff(np.asarray(a["image_start"])) for a in arrays])
-    owner = np.repeat(np.arange(len(id_hash)), per_sample)  # the sample each image row belongs to
-    sha = np.concatenate([np.asarray(a["image_sha"], dtype=np.uint64) for a in arrays])
-    near = (
-        np.concatenate([np.asarray(a["image_dhash"], dtype=np.uint64) for a in arrays]) if spec.heldout_near else None
+    images = MixtureImages(
+        roots=roots,
+        sizes=[len(a["id_hash"]) for a in arrays],
+        id_hash=id_hash,
+        kind=np.concatenate([np.asarray(a["kind"], dtype=np.uint8) for a in arrays]),
+        owner=np.repeat(np.arange(len(id_hash)), per_sample),
+        sha=np.concatenate([np.asarray(a["image_sha"], dtype=np.uint64) for a in arrays]),
+        near=np.concatenate([np.asarray(a["image_dhash"], dtype=np.uint64) for a in arrays]),
     )
-    labels = group_labels(sha, near)
+    _CACHE[key] = images
+    return images
+
+
+def image_split(spec: MixtureSpec) -> ImageSplit:
+    """The image-grouped held-out split over every dataset the spec's sources read."""
+    m = mixture_images(spec)
+    key = ("split", tuple(map(str, m.roots)), id(m), spec.heldout, spec.heldout_near)
+    if key in _CACHE:
+        return _CACHE[key]
+    roots, sizes, id_hash, owner, sha = m.roots, m.sizes, m.id_hash, m.owner, m.sha
+    labels = m.labels(spec.heldout_near)
 
     def sharing(held: np.ndarray) -> np.ndarray:
         """Samples with an image in the same group as an image of a `held` sample."""
@@ -122,9 +149,9 @@ def image_split(spec: MixtureSpec) -> ImageSplit:
     after = sharing(held) & ~held  # what the grouped split still leaks: none, by construction
     masks, report, start = {}, [], 0
     img_start = 0
-    for root, n, a in zip(roots, sizes, arrays, strict=True):
+    for root, n in zip(roots, sizes, strict=True):
         sl = slice(start, start + n)
-        rows = int(np.asarray(a["image_start"])[-1])
+        rows = int(((owner >= start) & (owner < start + n)).sum())
         masks[root] = held[sl]
         report.append(
             {
@@ -141,6 +168,31 @@ def image_split(spec: MixtureSpec) -> ImageSplit:
     split = ImageSplit(masks=masks, report=tuple(report))
     _CACHE[key] = split
     return split
+
+
+def duplicate_masks(spec: MixtureSpec, held: dict[Path, np.ndarray]) -> tuple[dict[Path, np.ndarray], dict]:
+    """With `dedup: exact|near`: the generation samples to leave out of training because their
+    target image is a copy of an earlier training generation sample's (sources in spec order,
+    samples in dataset order); per dataset root a bool mask, and the count dropped per root.
+    Only generation samples: a second question about an image is a new sample, a second
+    caption pair on the same picture is a repeat of its target."""
+    from vpit.pipelines.sample import KINDS
+
+    m = mixture_images(spec)
+    labels = m.labels(spec.dedup == "near")
+    train = np.concatenate([~held[r] if r in held else np.ones(n, bool) for r, n in zip(m.roots, m.sizes, strict=True)])
+    gen = (m.kind == KINDS.index("generation")) & train
+    rows = np.flatnonzero(gen[m.owner] & ((m.sha != 0) | (m.near != 0)))  # images of training generation samples
+    _, first = np.unique(labels[rows], return_index=True)  # the first image of each picture, in order
+    keeps = np.zeros(len(gen), dtype=bool)
+    keeps[m.owner[rows[first]]] = True  # a sample is kept when one of its images is a first copy
+    drop = gen & ~keeps & np.isin(np.arange(len(gen)), m.owner[rows])
+    masks, counts, start = {}, {}, 0
+    for root, n in zip(m.roots, m.sizes, strict=True):
+        masks[root] = drop[start : start + n]
+        counts[str(root)] = int(masks[root].sum())
+        start += n
+    return masks, counts
 
 
 def split_masks(spec: MixtureSpec) -> tuple[ImageSplit | None, dict[Path, np.ndarray]]:

@@ -18,7 +18,7 @@ from vpit.mixtures.spec import HELDOUT_BY, GroupSpec, MixtureSpec, SourceSpec, p
 
 __all__ = ["apply_overrides", "load_raw", "load_spec", "spec_from_dict"]
 
-TOP_KEYS = {"include", "description", "seed", "repetition", "cache", "total", "heldout", "sources", "groups"}
+TOP_KEYS = {"include", "description", "seed", "repetition", "cache", "total", "heldout", "dedup", "sources", "groups"}
 SOURCE_KEYS = {"path", "group", "kind"}
 GROUP_KEYS = {"count", "weight", "split"}
 
@@ -156,6 +156,8 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
         isinstance(heldout, int | float) and not isinstance(heldout, bool) and 0 <= heldout < 1,
         f"heldout: expected a fraction in [0, 1), e.g. 0.02 or {{fraction: 0.02}}, got {heldout!r}",
     )
+    dedup = data.get("dedup")
+    p.check(dedup in (None, "exact", "near"), f"dedup: expected exact or near (or leave it out), got {dedup!r}")
     total = None
     if data.get("total") is not None:
         try:
@@ -234,6 +236,7 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
         heldout=float(heldout) if isinstance(heldout, int | float) else 0.0,
         heldout_by=heldout_by if heldout_by in HELDOUT_BY else "id",
         heldout_near=heldout_near is True,
+        dedup=dedup if dedup in ("exact", "near") else None,
         origin=origin,
     )
 

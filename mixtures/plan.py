@@ -24,7 +24,7 @@ import numpy as np
 
 from vpit.common import text_table
 from vpit.errors import ConfigError
-from vpit.mixtures.catalog import Catalog, RecordReader, build_catalog
+from vpit.mixtures.catalog import Catalog, RecordReader, build_catalog, heldout_threshold
 from vpit.mixtures.quota import apportion
 from vpit.mixtures.spec import MixtureSpec
 from vpit.pipelines.shards import load_manifest
@@ -77,6 +77,8 @@ class Plan:
     hash: str
     heldout: tuple[dict, ...] = ()
     downloads: tuple[tuple[str, dict], ...] = ()
+    duplicates: tuple[tuple[str, int], ...] = ()
+    """(dataset, generation samples left out as repeats) with the spec's `dedup`."""
     """(source, download_arrivals) for sources built from URL downloads: requested vs arrived."""
     """With a held-out split by image: per dataset, what grouping moved and what the id hash
     alone would have leaked (`heldout.ImageSplit.report`)."""
@@ -155,6 +157,9 @@ class Plan:
                     f"  {name}: {a['arrived']:,} of {a['requested']:,} arrived "
                     f"({a['arrived'] / max(1, a['requested']):.1%})" + (f"; lost to {why}" if why else "")
                 )
+        if self.spec.dedup:
+            lines += ["", f"dedup: {self.spec.dedup} (generation samples whose target image repeats an earlier one):"]
+            lines += [f"  {root}: {n:,} left out" for root, n in self.duplicates]
         if self.heldout:
             from vpit.mixtures.heldout import ImageSplit
 
@@ -257,6 +262,27 @@ def make_plan(spec: MixtureSpec) -> Plan:
             grouping, masks = split_masks(spec)
         except ValueError:
             pass  # a source folder without a manifest: build_catalog below names it and its fix
+    drops, dropped = {}, {}
+    if spec.dedup:
+        from vpit.mixtures.heldout import duplicate_masks
+
+        held_for_dedup = masks if masks else {}
+        if spec.heldout > 0 and not masks:  # by id: the id hash decides what trains
+            from vpit.mixtures.heldout import mixture_images
+
+            try:
+                images = mixture_images(spec)
+                start = 0
+                for root, n in zip(images.roots, images.sizes, strict=True):
+                    thr = np.uint64(heldout_threshold(spec.heldout))
+                    held_for_dedup[root] = images.id_hash[start : start + n] < thr
+                    start += n
+            except ValueError:
+                pass
+        try:
+            drops, dropped = duplicate_masks(spec, held_for_dedup)
+        except ValueError:
+            pass  # build_catalog below names the missing dataset
     for s in spec.sources:
         root = Path(s.path).resolve()
         try:
@@ -267,6 +293,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
                 heldout=spec.heldout,
                 held=masks.get(root),
                 held_key=grouping.digest(root) if grouping and root in masks else None,
+                drop=drops.get(root),
             )
         except ValueError as e:
             problems.append(str(e))
@@ -335,6 +362,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     heldout = tuple(grouping.report) if grouping else ()
     downloads = tuple((s.name, a) for s in sources if (a := download_arrivals(s.catalog.root)))
+    duplicates = tuple((root, n) for root, n in dropped.items())
     return Plan(
         spec=spec,
         sources=tuple(sources),
@@ -344,6 +372,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
         hash=digest,
         heldout=heldout,
         downloads=downloads,
+        duplicates=duplicates,
     )
 
 

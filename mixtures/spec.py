@@ -27,6 +27,9 @@ shares an image with a held-out one (exact: the same sha256; `near: true` also g
 re-encoded or resized copies by their difference hash), until no training sample shares an
 image with a held-out one. `heldout: F` (a bare number, the form of older specs) keeps the id
 hash alone, and so its split, unless the spec opts in with the mapping.
+
+`dedup: exact | near` leaves repeated generation targets out of training: a caption pair whose
+image is a copy of an earlier one's (MetaCLIP and CC12M repeat URLs and pictures).
 """
 
 from __future__ import annotations
@@ -167,6 +170,9 @@ class MixtureSpec:
     """id: the id hash alone; image: also every sample sharing an image with a held-out one."""
     heldout_near: bool = False
     """With heldout_by image: group near-duplicate images (difference hash) too."""
+    dedup: str | None = None
+    """exact | near: leave out of training every generation sample whose target image is a copy
+    of an earlier training generation sample's (same sha256; near: or close difference hash)."""
     origin: str = "<spec>"
     """The YAML file the spec came from (messages only; not part of the plan hash)."""
 
@@ -180,6 +186,8 @@ class MixtureSpec:
             problems.append(f"heldout.by: expected one of {', '.join(HELDOUT_BY)}, got {self.heldout_by!r}")
         if self.heldout_near and self.heldout_by != "image":
             problems.append("heldout.near: only with by: image (near duplicates are images)")
+        if self.dedup not in (None, "exact", "near"):
+            problems.append(f"dedup: expected exact or near (or leave it out), got {self.dedup!r}")
         if self.repetition not in REPETITION:
             problems.append(f"repetition: expected one of {', '.join(REPETITION)}, got {self.repetition!r}")
         if self.cache is not None and (not isinstance(self.cache, str) or not self.cache):
@@ -238,6 +246,8 @@ class MixtureSpec:
             out["heldout"] = self.heldout
         elif self.heldout:
             out["heldout"] = {"fraction": self.heldout, "by": self.heldout_by, "near": self.heldout_near}
+        if self.dedup:
+            out["dedup"] = self.dedup
         out["sources"] = {
             s.name: {"path": str(s.path), "group": s.group, **({"kind": s.kind} if s.kind else {})}
             for s in self.sources

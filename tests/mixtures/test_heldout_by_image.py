@@ -164,3 +164,37 @@ def _photo(rng) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_dedup_leaves_repeated_generation_targets_out_of_training(tmp_path):
+    """30 caption pairs on 12 pictures (18 repeats), and 6 re-encoded copies: dedup exact trains
+    each picture once by bytes, near once by picture; understanding samples are never dropped."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    photos = [_photo(rng) for _ in range(12)]
+    images = {i: photos[i % 12] for i in range(30)}
+    for i in range(30, 36):  # re-encoded, resized copies of photos 0..5
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(photos[i - 30])).convert("RGB").resize((100, 100)).save(buf, "JPEG", quality=90)
+        images[i] = buf.getvalue()
+    make_dataset(tmp_path / "pairs", "pairs", [["generation"] * 36], images=images)
+    make_dataset(tmp_path / "vqa", "vqa", [["understanding"] * 10], images={i: photos[0] for i in range(10)})
+    for dedup, expect in ((None, 36), ("exact", 18), ("near", 12)):
+        path = tmp_path / f"d-{dedup}.yaml"
+        path.write_text(
+            (f"dedup: {dedup}\n" if dedup else "")
+            + "sources:\n  pairs: {path: pairs, group: generation}\n  vqa: {path: vqa, group: understanding}\n"
+            + "groups: {generation: 1, understanding: 1}\n"
+        )
+        plan = make_plan(load_spec(path))
+        avail = {s.name: s.available for s in plan.sources}
+        assert avail == {"pairs": expect, "vqa": 10}, (dedup, avail)
+        if dedup:
+            assert f"{36 - expect:,} left out" in plan.table()
+            path.write_text(path.read_text().replace("generation: 1,", f"generation: {expect},"))
+            stream = MixtureStream(make_plan(load_spec(path)), global_batch_size=6, with_tokens=False)
+            shas = [item["record"]["images"][0]["sha256"] for b in stream for item in b if item["source"] == "pairs"]
+            assert len(shas) == len(set(shas)) == expect  # every target once, from the stream itself

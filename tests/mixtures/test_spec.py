@@ -68,7 +68,7 @@ def test_parse_count_rejects(value, message):
     ("edit", "message"),
     [
         # unknown key, at the top and nested, with what is allowed there
-        ("sauces: {}\n", r"sauces: unknown key; allowed here: cache, description, groups, heldout, include"),
+        ("sauces: {}\n", r"sauces: unknown key; allowed here: cache, dedup, description, groups, heldout, include"),
         (
             "groups: {generation: {cuont: 5}}\n",
             r"groups.generation.cuont: unknown key; allowed here: count, split, weight",
