@@ -23,6 +23,7 @@ import typing
 from typing import Any, Literal
 
 from vpit.config import CliValue, Command, Group, field_docs, load, unwrap_optional
+from vpit.errors import Terminated
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -206,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     name = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(name if name in COMMANDS else None).parse_args(argv)
-    verbose = bool(getattr(args, "verbose", False)) or os.environ.get("VPIT_VERBOSE") == "1"
-    quiet(not verbose)
-    label = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
     # SIGTERM (a scheduler's or `kill`'s) ends the command as Ctrl-C does: cleanly, with one line;
     # the trainer installs its own handler while it trains (checkpoint at the next step, exit 0).
     signal.signal(signal.SIGTERM, _terminate)
+    try:
+        args = build_parser(name if name in COMMANDS else None).parse_args(argv)  # imports the command
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"vpit {name or ''}: stopped while starting; nothing was done", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    verbose = bool(getattr(args, "verbose", False)) or os.environ.get("VPIT_VERBOSE") == "1"
+    quiet(not verbose)
+    label = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
     try:
         args._command.run(*configs_from_args(args))
     except VpitError as e:
@@ -233,10 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # the work is over: a late SIGTERM (during Ray's exit) must not end it with a traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (a BaseException, like KeyboardInterrupt, so no `except Exception` eats it)."""
 
 
 def _terminate(signum, frame) -> None:

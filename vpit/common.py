@@ -124,17 +124,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         import signal
         import threading
 
+        from vpit.errors import Terminated
+
         main_thread = threading.current_thread() is threading.main_thread()
         term = signal.getsignal(signal.SIGTERM) if main_thread else None
-        ray.init(
-            address=address,
-            num_cpus=num_cpus if address is None else None,
-            include_dashboard=False,
-            log_to_driver=is_verbose(),
-            logging_level=logging.WARNING,
-        )
-        if main_thread and callable(term):  # Ray's core installs a handler that dumps a C++ stack on SIGTERM
-            signal.signal(signal.SIGTERM, term)
+        # A SIGTERM must end a command with one line: Ray's core would dump a C++ stack for it (its
+        # failure signal handler; crashes of Ray's own workers still get theirs with --verbose), and
+        # while ray.init runs, Ray's Python handler turns it into sys.exit(15).
+        if not is_verbose():
+            os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        try:
+            ray.init(
+                address=address,
+                num_cpus=num_cpus if address is None else None,
+                include_dashboard=False,
+                log_to_driver=is_verbose(),
+                logging_level=logging.WARNING,
+            )
+        except SystemExit as e:
+            if e.code == signal.SIGTERM and callable(term):
+                raise Terminated() from None
+            raise
+        finally:
+            if main_thread and callable(term):
+                signal.signal(signal.SIGTERM, term)
     # Our own tqdm bars report progress; Ray Data's per-operator logging would bury them.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -9,7 +9,7 @@ they refine (ValueError, FileNotFoundError), so `except ValueError` in user code
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "InputError", "VpitError"]
+__all__ = ["ConfigError", "InputError", "Terminated", "VpitError"]
 
 
 class VpitError(Exception):
@@ -22,3 +22,7 @@ class ConfigError(VpitError, ValueError):
 
 class InputError(VpitError, FileNotFoundError):
     """An input file or folder does not exist or is not what the command needs."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt, so no `except Exception` eats it)."""
