@@ -28,9 +28,18 @@ def _report(report: IngestReport) -> None:
     print(report.summary())
 
 
+def _card(job: IngestJob) -> dict[str, str | None] | None:
+    """The card's licence and citation when given (a re-run without them keeps the card)."""
+    return {"license": job.license, "citation": job.citation} if job.license or job.citation else None
+
+
 def _adapter_command(adapter_cls, config_cls, summary: str, description: str) -> Command:
     def run(config, job: IngestJob) -> None:
-        _report(run_ingest(adapter_cls(config), job.output, workers=job.workers, ray_address=job.ray_address))
+        _report(
+            run_ingest(
+                adapter_cls(config), job.output, workers=job.workers, ray_address=job.ray_address, card=_card(job)
+            )
+        )
 
     return Command(
         summary=summary,
@@ -60,7 +69,7 @@ def _ingest_pairs(config: PairsConfig, job: IngestJob) -> None:
             "not on the URL count" + (f"\nwhy the rest fail:{errors}" if errors else "")
         )
         return
-    report, stats = ingest_pairs(config, job.output, workers=job.workers, ray_address=job.ray_address)
+    report, stats = ingest_pairs(config, job.output, workers=job.workers, ray_address=job.ray_address, card=_card(job))
     errors = "".join(f"\n  {n:>6}  {msg}" for msg, n in stats["errors"].items())
     print(
         f"img2dataset  {stats['count']} URLs in {stats['shards']} shards: {stats['successes']} downloaded, "

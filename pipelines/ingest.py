@@ -80,6 +80,10 @@ class IngestJob:
     """Ray tasks run at once; default: the CPUs of the Ray cluster (the output does not depend on it)."""
     ray_address: str | None = None
     """Ray cluster to join (ray://head:10001, auto); default: RAY_ADDRESS, else a local Ray."""
+    license: str | None = None
+    """Licence of the data for the dataset card (README.md), e.g. cc-by-4.0 (an SPDX-style id)."""
+    citation: str | None = None
+    """Citation (BibTeX) for the dataset card."""
 
     def __post_init__(self):
         if self.workers is not None and self.workers < 1:
@@ -159,6 +163,7 @@ def ingest_shard(adapter: Adapter, root: Path, shard: int, task: dict[str, Any])
         "tar_sha256": idx["tar_sha256"],
         "quarantined": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "records": task["records"],
+        "members": sorted({m for entry in idx["samples"] for m in entry["members"]}),  # for the card's schema
     }
 
 
@@ -301,11 +306,13 @@ def run_ingest(
     workers: int | None = None,
     ray_address: str | None = None,
     progress: bool = True,
+    card: dict[str, str | None] | None = None,
 ) -> IngestReport:
     """Ingest `adapter`'s input into `output`, resuming whatever a previous run left. One writer per
-    output folder: a second ingest into it stops at once, naming the first (`vpit.lock`)."""
+    output folder: a second ingest into it stops at once, naming the first (`vpit.lock`). `card`:
+    licence and citation for the dataset card (README.md, written when the dataset is complete)."""
     with FolderLock(output, f"vpit ingest {adapter.source_kind}"):
-        return _run_ingest(adapter, output, workers=workers, ray_address=ray_address, progress=progress)
+        return _run_ingest(adapter, output, workers=workers, ray_address=ray_address, progress=progress, card=card)
 
 
 def _run_ingest(
@@ -315,6 +322,7 @@ def _run_ingest(
     workers: int | None,
     ray_address: str | None,
     progress: bool,
+    card: dict[str, str | None] | None = None,
 ) -> IngestReport:
     import ray
     from tqdm import tqdm
@@ -361,8 +369,12 @@ def _run_ingest(
             bar.close()
         manifest = _write_manifest(root, config, len(tasks), done)
     _rebuild_quarantine(root, len(tasks))
-    if manifest["complete"]:  # the planner's per-sample columns, built once
+    if manifest["complete"]:  # the planner's per-sample columns, built once; the dataset card
         load_catalog_arrays(root, manifest["shards"], ALL_COLUMNS, write=True)  # rebuilt if a column is new
+        from vpit.pipelines.card import CARD, write_card
+
+        if card is not None or not (root / CARD).is_file():
+            write_card(root, manifest, **(card or {}))
     return IngestReport(
         output=root,
         shards_total=len(tasks),

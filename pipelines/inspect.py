@@ -37,6 +37,20 @@ def render_sample(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _card_line(root: Path) -> str:
+    from vpit.pipelines.card import CARD, read_card
+
+    meta = read_card(root)
+    if meta is None:
+        return "card     none (written when an ingest completes)"
+    body = (Path(root) / CARD).read_text(encoding="utf-8")
+    cited = "set" if "```bibtex" in body else "not set"
+    return (
+        f"card     {CARD}: license {meta.get('license', 'other')}, citation {cited}; "
+        f'datasets.load_dataset("{root}") opens it'
+    )
+
+
 def describe_dataset(path: str | Path, n: int = 3, quarantine: int = 5) -> str:
     ds = Dataset(path)
     m = ds.manifest
@@ -48,6 +62,7 @@ def describe_dataset(path: str | Path, n: int = 3, quarantine: int = 5) -> str:
         f"samples  {m['samples']}: " + ", ".join(f"{k} {v}" for k, v in m["kinds"].items()),
         f"quarantined {sum(m['quarantined'].values())}"
         + "".join(f"\n  {r:<24} {c}" for r, c in m["quarantined"].items()),
+        _card_line(ds.root),
         "",
     ]
     shown = 0

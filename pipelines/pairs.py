@@ -407,14 +407,21 @@ def ingest_pairs(
     workers: int | None = None,
     ray_address: str | None = None,
     progress: bool = True,
+    card: dict[str, str | None] | None = None,
 ) -> tuple[IngestReport, dict[str, Any]]:
     """Download (when the input is a URL list) and ingest; return the ingest report and img2dataset's stats."""
     with FolderLock(output, "vpit ingest pairs"):  # the download writes into the output folder too
-        return _ingest_pairs(config, output, workers=workers, ray_address=ray_address, progress=progress)
+        return _ingest_pairs(config, output, workers=workers, ray_address=ray_address, progress=progress, card=card)
 
 
 def _ingest_pairs(
-    config: PairsConfig, output: str | Path, *, workers: int | None, ray_address: str | None, progress: bool
+    config: PairsConfig,
+    output: str | Path,
+    *,
+    workers: int | None,
+    ray_address: str | None,
+    progress: bool,
+    card: dict[str, str | None] | None = None,
 ) -> tuple[IngestReport, dict[str, Any]]:
     src = Path(config.input)
     if src.is_dir():
@@ -427,7 +434,12 @@ def _ingest_pairs(
     else:
         raise IngestError(f"input: {config.input!r} does not exist")
     report = run_ingest(
-        PairsAdapter(config, folder, owns), output, workers=workers, ray_address=ray_address, progress=progress
+        PairsAdapter(config, folder, owns),
+        output,
+        workers=workers,
+        ray_address=ray_address,
+        progress=progress,
+        card=card,
     )
     return report, download_stats(folder)
 
