@@ -13,7 +13,7 @@ difference hashes are within a few bits (`pipelines.image_hash`). Still a functi
 datasets alone: every cell and seed of a grid that reads the same datasets holds out the same.
 
 The split also counts what the id hash alone would have leaked: training samples that share
-an image with a held-out one. `vpit mix plan` prints both per dataset.
+an image with a held-out one. `vpit mix plan` prints both per source.
 """
 
 from __future__ import annotations
@@ -42,31 +42,59 @@ class ImageSplit:
     masks: dict[Path, np.ndarray]
     """Per dataset root: bool over its samples in dataset order, True = held out."""
     report: tuple[dict, ...]
-    """Per dataset: samples, by_id (the id hash's seed), moved (added by grouping), leak_by_id
-    (training samples that would share an image with a held-out one under the id hash alone),
+    """Per source (after `for_sources`; per dataset before): samples, by_id (the id hash's seed),
+    moved (added by grouping), leak_by_id (training samples that would share an image with a
+    held-out one under the id hash alone), leak_by_image (the same under this split: 0),
     unknown_images (images without a sha256 in the index: they join no group)."""
+    columns: dict[Path, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    """Per dataset root: the per-sample seed, leak, after and kind arrays the report is cut from."""
 
     def digest(self, root: Path) -> str:
         return hashlib.sha256(np.packbits(self.masks[root]).tobytes()).hexdigest()[:16]
 
+    def for_sources(self, spec: MixtureSpec) -> tuple[dict, ...]:
+        """The report per source of `spec`: its dataset's counts within its kind filter."""
+        from vpit.pipelines.sample import KINDS
+
+        rows = []
+        by_root = {r["dataset"]: r for r in self.report}
+        for src in spec.sources:
+            root = Path(src.path).resolve()
+            c, held = self.columns[root], self.masks[root]
+            mine = np.ones(len(held), bool) if src.kind is None else c["kind"] == KINDS.index(src.kind)
+            rows.append(
+                {
+                    "source": src.name,
+                    "dataset": str(root),
+                    "samples": int(mine.sum()),
+                    "by_id": int((c["seed"] & mine).sum()),
+                    "moved": int((held & ~c["seed"] & mine).sum()),
+                    "leak_by_id": int((c["leak"] & mine).sum()),
+                    "leak_by_image": int((c["after"] & mine).sum()),
+                    "unknown_images": by_root[str(root)]["unknown_images"],
+                }
+            )
+        return tuple(rows)
+
     def table(self, by: str) -> list[str]:
-        """What `vpit mix plan` prints: per dataset, for the split the spec uses."""
+        """What `vpit mix plan` prints: per source, for the split the spec uses."""
         if by == "image":
             lines = ["held out by image (every sample that shares an image with a held-out one):"]
         else:
             lines = ["held out by id hash (set heldout: {fraction: F} to hold out by image):"]
         for r in self.report:
             unknown = f"; {r['unknown_images']:,} images without a sha256 in the index" if r["unknown_images"] else ""
+            name = r.get("source", r["dataset"])
             if by == "image":
                 lines.append(
-                    f"  {r['dataset']}: {r['by_id'] + r['moved']:,} of {r['samples']:,} held out "
+                    f"  {name}: {r['by_id'] + r['moved']:,} of {r['samples']:,} held out "
                     f"({r['by_id']:,} by id hash + {r['moved']:,} sharing their images); training samples "
                     f"sharing a held-out image: {r['leak_by_image']:,} (the id hash alone: {r['leak_by_id']:,})"
                     f"{unknown}"
                 )
             else:
                 lines.append(
-                    f"  {r['dataset']}: {r['by_id']:,} of {r['samples']:,} held out; LEAK: {r['leak_by_id']:,} "
+                    f"  {name}: {r['by_id']:,} of {r['samples']:,} held out; LEAK: {r['leak_by_id']:,} "
                     f"training samples share an image with a held-out one{unknown}"
                 )
         return lines
@@ -147,12 +175,13 @@ def image_split(spec: MixtureSpec) -> ImageSplit:
         held = grown
     leak = sharing(seed) & ~seed
     after = sharing(held) & ~held  # what the grouped split still leaks: none, by construction
-    masks, report, start = {}, [], 0
+    masks, columns, report, start = {}, {}, [], 0
     img_start = 0
     for root, n in zip(roots, sizes, strict=True):
         sl = slice(start, start + n)
         rows = int(((owner >= start) & (owner < start + n)).sum())
         masks[root] = held[sl]
+        columns[root] = {"seed": seed[sl], "leak": leak[sl], "after": after[sl], "kind": m.kind[sl]}
         report.append(
             {
                 "dataset": str(root),
@@ -165,7 +194,7 @@ def image_split(spec: MixtureSpec) -> ImageSplit:
             }
         )
         start, img_start = start + n, img_start + rows
-    split = ImageSplit(masks=masks, report=tuple(report))
+    split = ImageSplit(masks=masks, report=tuple(report), columns=columns)
     _CACHE[key] = split
     return split
 

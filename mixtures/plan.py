@@ -360,7 +360,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
         "sources": [(s.name, s.group, s.kind, s.catalog.fingerprint, s.count) for s in sources],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    heldout = tuple(grouping.report) if grouping else ()
+    heldout = grouping.for_sources(spec) if grouping else ()
     downloads = tuple((s.name, a) for s in sources if (a := download_arrivals(s.catalog.root)))
     duplicates = tuple((root, n) for root, n in dropped.items())
     return Plan(
