@@ -45,7 +45,8 @@ class ImageSplit:
     """Per source (after `for_sources`; per dataset before): samples, by_id (the id hash's seed),
     moved (added by grouping), leak_by_id (training samples that would share an image with a
     held-out one under the id hash alone), leak_by_image (the same under this split: 0),
-    unknown_images (images without a sha256 in the index: they join no group)."""
+    unknown_images (images without a sha256, or with `near` without a difference hash, in the index:
+    they join no group)."""
     columns: dict[Path, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     """Per dataset root: the per-sample seed, leak, after and kind arrays the report is cut from."""
 
@@ -83,7 +84,12 @@ class ImageSplit:
         else:
             lines = ["held out by id hash (set heldout: {fraction: F} to hold out by image):"]
         for r in self.report:
-            unknown = f"; {r['unknown_images']:,} images without a sha256 in the index" if r["unknown_images"] else ""
+            unknown = (
+                f"; {r['unknown_images']:,} images without a hash in the index (written before vpit hashed "
+                "images: re-ingest those shards to group them)"
+                if r["unknown_images"]
+                else ""
+            )
             name = r.get("source", r["dataset"])
             if by == "image":
                 lines.append(
@@ -190,7 +196,14 @@ def image_split(spec: MixtureSpec) -> ImageSplit:
                 "moved": int((held[sl] & ~seed[sl]).sum()),
                 "leak_by_id": int(leak[sl].sum()),
                 "leak_by_image": int(after[sl].sum()),
-                "unknown_images": int((sha[img_start : img_start + rows] == 0).sum()),
+                # images that join no group: no sha256 in the index (or, with near, no difference hash:
+                # shards written before vpit hashed them, which near grouping cannot see)
+                "unknown_images": int(
+                    (
+                        (sha[img_start : img_start + rows] == 0)
+                        | ((m.near[img_start : img_start + rows] == 0) & spec.heldout_near)
+                    ).sum()
+                ),
             }
         )
         start, img_start = start + n, img_start + rows
@@ -210,7 +223,15 @@ def duplicate_masks(spec: MixtureSpec, held: dict[Path, np.ndarray]) -> tuple[di
     m = mixture_images(spec)
     labels = m.labels(spec.dedup == "near")
     train = np.concatenate([~held[r] if r in held else np.ones(n, bool) for r, n in zip(m.roots, m.sizes, strict=True)])
-    gen = (m.kind == KINDS.index("generation")) & train
+    drawable = np.zeros(len(train), dtype=bool)  # a sample some source of the spec can draw (its kind filter)
+    start = 0
+    for root, n in zip(m.roots, m.sizes, strict=True):
+        for src in spec.sources:
+            if Path(src.path).resolve() == root:
+                kinds = m.kind[start : start + n]
+                drawable[start : start + n] |= True if src.kind is None else kinds == KINDS.index(src.kind)
+        start += n
+    gen = (m.kind == KINDS.index("generation")) & train & drawable
     rows = np.flatnonzero(gen[m.owner] & ((m.sha != 0) | (m.near != 0)))  # images of training generation samples
     _, first = np.unique(labels[rows], return_index=True)  # the first image of each picture, in order
     keeps = np.zeros(len(gen), dtype=bool)

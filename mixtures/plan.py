@@ -255,34 +255,27 @@ def make_plan(spec: MixtureSpec) -> Plan:
     problems: list[str] = []
     catalogs: dict[str, Catalog] = {}
     grouping, masks = None, {}
-    if spec.heldout > 0:
+    # A source folder without a complete manifest is reported by build_catalog below, with its fix;
+    # with every folder a dataset, a failure of the image split or of dedup is an error of its own.
+    readable = all((m := load_manifest(Path(s.path))) and m.get("complete", True) for s in spec.sources)
+    if spec.heldout > 0 and readable:
         from vpit.mixtures.heldout import split_masks
 
-        try:
-            grouping, masks = split_masks(spec)
-        except ValueError:
-            pass  # a source folder without a manifest: build_catalog below names it and its fix
+        grouping, masks = split_masks(spec)
     drops, dropped = {}, {}
-    if spec.dedup:
+    if spec.dedup and readable:
         from vpit.mixtures.heldout import duplicate_masks
 
         held_for_dedup = masks if masks else {}
         if spec.heldout > 0 and not masks:  # by id: the id hash decides what trains
             from vpit.mixtures.heldout import mixture_images
 
-            try:
-                images = mixture_images(spec)
-                start = 0
-                for root, n in zip(images.roots, images.sizes, strict=True):
-                    thr = np.uint64(heldout_threshold(spec.heldout))
-                    held_for_dedup[root] = images.id_hash[start : start + n] < thr
-                    start += n
-            except ValueError:
-                pass
-        try:
-            drops, dropped = duplicate_masks(spec, held_for_dedup)
-        except ValueError:
-            pass  # build_catalog below names the missing dataset
+            images = mixture_images(spec)
+            start = 0
+            for root, n in zip(images.roots, images.sizes, strict=True):
+                held_for_dedup[root] = images.id_hash[start : start + n] < np.uint64(heldout_threshold(spec.heldout))
+                start += n
+        drops, dropped = duplicate_masks(spec, held_for_dedup)
     for s in spec.sources:
         root = Path(s.path).resolve()
         try:
@@ -445,6 +438,8 @@ def save_plan(plan: Plan, folder: str | Path) -> Path:
         "dim": plan.dim,
         "sources": sources,
         "heldout": list(plan.heldout),
+        "downloads": [list(d) for d in plan.downloads],
+        "duplicates": [list(d) for d in plan.duplicates],
     }
     (tmp / "plan.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     if folder.exists():
@@ -488,4 +483,6 @@ def load_plan(folder: str | Path, spec: MixtureSpec) -> Plan:
         dim=meta["dim"],
         hash=meta["hash"],
         heldout=heldout,
+        downloads=tuple((n, a) for n, a in meta.get("downloads", ())),
+        duplicates=tuple((r, int(n)) for r, n in meta.get("duplicates", ())),
     )

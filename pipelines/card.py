@@ -65,14 +65,21 @@ def features_for(root: Path, manifest: Manifest):
 
 
 def card_metadata(root: Path, manifest: Manifest, license: str | None) -> str:
-    """The card's YAML header (without the --- fences)."""
+    """The card's YAML header (without the --- fences). Without a schema (an empty dataset, or
+    records whose fields change type) it leaves the features out: the card is still written."""
+    import pyarrow as pa
     from huggingface_hub import DatasetCardData
 
-    features = features_for(root, manifest)
+    info = {}
+    if manifest["samples"]:
+        try:
+            info = {"dataset_info": {"features": features_for(root, manifest)._to_yaml_list()}}
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, TypeError, ValueError):
+            info = {}
     data = DatasetCardData(
         license=license or "other",
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}],
-        dataset_info={"features": features._to_yaml_list()},
+        **info,
         tags=["vpit", "webdataset", *sorted(manifest.get("kinds", {}))],
     )
     return data.to_yaml()

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vpit.errors import ConfigError, InputError
-from vpit.pipelines.image_hash import NEAR_DISTANCE, group_labels
+from vpit.pipelines.image_hash import MAX_DISTANCE, NEAR_DISTANCE, group_labels
 from vpit.pipelines.shard_index import load_shard_arrays
 from vpit.pipelines.shards import load_manifest
 
@@ -36,40 +36,47 @@ class DedupConfig:
     def __post_init__(self):
         if not self.datasets:
             raise ConfigError("datasets: give at least one dataset folder, e.g. vpit dedup datasets/a datasets/b")
-        if not 0 <= self.near_distance <= 16:
-            raise ConfigError(f"near_distance: expected 0..16 bits, got {self.near_distance}")
+        if not 0 <= self.near_distance <= MAX_DISTANCE:
+            raise ConfigError(f"near_distance: expected 0..{MAX_DISTANCE} bits, got {self.near_distance}")
 
 
-def _images(root: Path) -> dict[str, np.ndarray]:
-    """Every image row of a dataset: sha, dhash, bytes, and the sample id that holds it."""
+def _images(root: Path) -> dict[str, Any]:
+    """Every image row of a dataset: sha, dhash, bytes, and where it is (shard, sample position)."""
     manifest = load_manifest(root) if root.is_dir() else None
     if manifest is None:
         raise InputError(f"{root} holds no manifest.json: is it a vpit dataset?")
-    sha, near, size, owner = [], [], [], []
-    for entry in tqdm(manifest["shards"], desc=f"dedup {root.name}", unit="shard", leave=False):
-        a = load_shard_arrays(root, entry["name"])
+    sha, near, size, shard, pos = [], [], [], [], []
+    names = [e["name"] for e in manifest["shards"]]
+    for s, name in enumerate(tqdm(names, desc=f"dedup {root.name}", unit="shard", leave=False)):
+        a = load_shard_arrays(root, name)
         sha.append(a.image_sha)
         near.append(a.image_dhash)
         size.append(a.images[:, 1] if len(a.images) else np.zeros(0, np.int64))
-        counts = np.diff(a.image_start)
-        owner += [a.sample_id(p) for p in range(len(a)) for _ in range(int(counts[p]))]
-    cat = np.concatenate
+        pos.append(np.repeat(np.arange(len(a)), np.diff(a.image_start)))
+        shard.append(np.full(len(a.images), s, dtype=np.int64))
+
+    def cat(parts: list, dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
     return {
-        "sha": cat(sha).astype(np.uint64) if sha else np.zeros(0, np.uint64),
-        "near": cat(near).astype(np.uint64) if near else np.zeros(0, np.uint64),
-        "bytes": cat(size).astype(np.int64) if size else np.zeros(0, np.int64),
-        "owner": np.array(owner, dtype=object),
+        "sha": cat(sha, np.uint64),
+        "near": cat(near, np.uint64),
+        "bytes": cat(size, np.int64),
+        "shard": cat(shard, np.int64),
+        "pos": cat(pos, np.int64),
+        "root": root,
+        "names": names,
     }
 
 
-def _summary(labels: np.ndarray, dataset: np.ndarray, nbytes: np.ndarray, owner: np.ndarray, top: int) -> dict:
-    uniq, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+def _summary(labels: np.ndarray, dataset: np.ndarray, nbytes: np.ndarray, sample_id, top: int) -> dict:
+    """Counts for one grouping, vectorised; sample ids are read only for the `top` groups shown."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     dup = counts[inverse] > 1
     first = np.zeros(len(labels), dtype=bool)
     first[np.unique(inverse, return_index=True)[1]] = True  # the one image of each group that stays
-    spans = {}
-    for g, d in zip(inverse[dup].tolist(), dataset[dup].tolist(), strict=True):
-        spans.setdefault(g, set()).add(d)
+    pairs = np.unique(np.stack([inverse[dup], dataset[dup]]), axis=1)  # (group, dataset) present
+    across = int((np.bincount(pairs[0]) > 1).sum()) if pairs.size else 0
     groups = []
     for g in np.argsort(-counts, kind="stable")[:top]:
         if counts[g] < 2:
@@ -78,8 +85,8 @@ def _summary(labels: np.ndarray, dataset: np.ndarray, nbytes: np.ndarray, owner:
         groups.append(
             {
                 "images": int(counts[g]),
-                "datasets": sorted(set(dataset[members].tolist())),
-                "samples": [str(owner[i]) for i in members[:4]],
+                "datasets": sorted({int(d) for d in dataset[members]}),
+                "samples": [sample_id(int(i)) for i in members[:4]],
             }
         )
     return {
@@ -87,7 +94,7 @@ def _summary(labels: np.ndarray, dataset: np.ndarray, nbytes: np.ndarray, owner:
         "groups": int((counts > 1).sum()),
         "removable": int((dup & ~first).sum()),
         "bytes_saved": int(nbytes[dup & ~first].sum()),
-        "groups_across_datasets": sum(len(v) > 1 for v in spans.values()),
+        "groups_across_datasets": across,
         "top": groups,
     }
 
@@ -97,21 +104,31 @@ def find_duplicates(cfg: DedupConfig) -> dict[str, Any]:
     roots = [Path(d) for d in cfg.datasets]
     parts = [_images(r) for r in roots]
     names = [r.name if [x.name for x in roots].count(r.name) == 1 else str(r) for r in roots]
-    dataset = np.concatenate([np.full(len(p["sha"]), n, dtype=object) for p, n in zip(parts, names, strict=True)])
+    dataset = np.concatenate([np.full(len(p["sha"]), i, dtype=np.int64) for i, p in enumerate(parts)])
     sha = np.concatenate([p["sha"] for p in parts])
     near = np.concatenate([p["near"] for p in parts])
     nbytes = np.concatenate([p["bytes"] for p in parts])
-    owner = np.concatenate([p["owner"] for p in parts])
-    exact = group_labels(sha)
-    close = group_labels(sha, near, max_distance=cfg.near_distance)
+    offsets = np.cumsum([0] + [len(p["sha"]) for p in parts])
+
+    def sample_id(row: int) -> str:
+        d = int(np.searchsorted(offsets, row, side="right") - 1)
+        p, k = parts[d], row - int(offsets[d])
+        return load_shard_arrays(p["root"], p["names"][int(p["shard"][k])]).sample_id(int(p["pos"][k]))
+
+    def summary(labels: np.ndarray) -> dict:
+        out = _summary(labels, dataset, nbytes, sample_id, cfg.top)
+        for g in out["top"]:
+            g["datasets"] = [names[d] for d in g["datasets"]]
+        return out
+
     return {
         "datasets": names,
         "images": len(sha),
         "bytes": int(nbytes.sum()),
         "unhashed": int((sha == 0).sum()),
         "no_near_hash": int((near == 0).sum()),
-        "exact": _summary(exact, dataset, nbytes, owner, cfg.top),
-        "near": _summary(close, dataset, nbytes, owner, cfg.top),
+        "exact": summary(group_labels(sha)),
+        "near": summary(group_labels(sha, near, max_distance=cfg.near_distance)),
     }
 
 

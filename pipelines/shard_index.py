@@ -134,6 +134,9 @@ def load_shard_arrays(root: str | Path, name: str) -> ShardArrays:
     try:
         with np.load(path, allow_pickle=False) as z:
             fields = {f.name: z[f.name] for f in dataclasses.fields(ShardArrays) if f.name in z.files}
+        missing = {f.name for f in dataclasses.fields(ShardArrays)} - set(fields) - set(_ADDED)
+        if missing:
+            raise ValueError(f"it lacks {', '.join(sorted(missing))}")
         for name in _ADDED:  # an index written before the column existed: unknown (0) per image
             fields.setdefault(name, np.zeros(len(fields["images"]), dtype=np.uint64))
     except FileNotFoundError:

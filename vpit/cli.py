@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler's or `kill`'s) ends the command as Ctrl-C does: cleanly, with one line;
     # the trainer installs its own handler while it trains (checkpoint at the next step, exit 0).
     signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get("VPIT_VERBOSE") != "1" and "--verbose" not in argv:
+        # Ray's C++ failure handler would print a stack for SIGTERM; it reads this when ray is imported
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         args = build_parser(name if name in COMMANDS else None).parse_args(argv)  # imports the command
     except (KeyboardInterrupt, Terminated) as e:
@@ -218,26 +221,69 @@ def main(argv: list[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False)) or os.environ.get("VPIT_VERBOSE") == "1"
     quiet(not verbose)
     label = " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
+    configs: tuple = ()
     try:
-        args._command.run(*configs_from_args(args))
+        configs = configs_from_args(args)
+        args._command.run(*configs)
     except VpitError as e:
+        _end_bars()
         print(f"vpit {label}: error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         code = 143 if isinstance(e, Terminated) else 130
         what = "terminated (SIGTERM)" if code == 143 else "interrupted"
+        _end_bars()
         print(f"vpit {label}: {what}; re-run the same command to resume", file=sys.stderr)
         return code
     except Exception as e:
+        out = _output_of(args, configs)
         env = environment_error_in(e)
+        if env is None and out and _disk_full(out):  # e.g. torch.save's "unexpected pos" when the disk fills
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            env = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(e).__name__}: {first})")
         if env is None:
             raise  # a bug: its traceback shows
-        out = next((getattr(args, n) for n in ("output", "output_dir", "dataset") if getattr(args, n, None)), None)
+        _end_bars()
         print(f"vpit {label}: error: {describe_environment_error(env, out)}", file=sys.stderr)
         return 2
-    finally:  # the work is over: a late SIGTERM (during Ray's exit) must not end it with a traceback
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    finally:  # the work is over: a late SIGTERM (during Ray's exit) ends the process without a traceback
+        signal.signal(signal.SIGTERM, _exit_now)
     return 0
+
+
+def _end_bars() -> None:
+    """Close progress bars a failing stage left open, so our line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _output_of(args: argparse.Namespace, configs: tuple) -> str | None:
+    """The folder a command writes: its --output/--output-dir/dataset flag, or the config's."""
+    names = ("output", "output_dir", "dataset")
+    for source in (args, *configs):
+        for n in names:
+            value = getattr(source, n, None)
+            if isinstance(value, str | os.PathLike) and str(value):
+                return str(value)
+    return None
+
+
+def _disk_full(path: str) -> bool:
+    import shutil
+
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        return shutil.disk_usage(p).free < 2**20
+    except OSError:
+        return False
+
+
+def _exit_now(signum, frame) -> None:
+    os._exit(143)  # a handler of our own, not SIG_IGN: an ignored signal is inherited by later children
 
 
 def _terminate(signum, frame) -> None:
@@ -259,17 +305,20 @@ def environment_error_in(exc: BaseException) -> OSError | None:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
             return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        todo += [getattr(e, "cause", None), e.__cause__]  # not __context__: a bug raised while handling one
     return None
 
 
 def describe_environment_error(e: OSError, output: str | None = None) -> str:
     """One line: what the system said, where, and what to do. A file name that Ray's re-raise
     replaced by its own message is not shown; the command's output folder is named instead."""
-    path = e.filename if isinstance(e.filename, str) and "\n" not in e.filename and os.sep in e.filename else output
-    where = f" writing {path}" if path else ""
+    named = isinstance(e.filename, str) and "\n" not in e.filename and os.sep in e.filename
+    path = e.filename if named else output
+    where = (f" on {path}" if named else f" writing {path}") if path else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space (or raise the quota) and re-run the same command: the finished parts are kept"
+    elif e.errno == errno.EROFS:
+        fix = "the file system is read-only: choose another output, then re-run"
     else:
-        fix = "the folder is not writable: fix its permissions or choose another output, then re-run"
+        fix = "it is not accessible to this user: fix its permissions (or choose another output), then re-run"
     return f"{os.strerror(e.errno)}{where}; {fix}"  # not e.strerror: Ray appends a traceback to it

@@ -128,11 +128,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
         main_thread = threading.current_thread() is threading.main_thread()
         term = signal.getsignal(signal.SIGTERM) if main_thread else None
-        # A SIGTERM must end a command with one line: Ray's core would dump a C++ stack for it (its
-        # failure signal handler; crashes of Ray's own workers still get theirs with --verbose), and
-        # while ray.init runs, Ray's Python handler turns it into sys.exit(15).
-        if not is_verbose():
-            os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        # A SIGTERM must end a command with one line: `vpit` turns Ray's C++ failure handler off
+        # before importing ray (vpit.cli), our handler is put back after ray.init, and during it
+        # Ray's own Python handler turns SIGTERM into sys.exit(15), caught here.
         try:
             ray.init(
                 address=address,

@@ -120,7 +120,7 @@ def test_the_image_split_holds_out_every_sample_sharing_a_held_out_image(shared)
     assert "held out by image" in plan.table()
 
 
-def test_the_split_is_the_same_whatever_the_seed_and_for_any_one_source(shared):
+def test_the_split_does_not_depend_on_the_seed(shared):
     a = _spec(shared, f"{{fraction: {FRACTION}}}", name="a")
     b = load_spec(shared / "a.yaml", {"seed": 7})
     ids = [{i["id"] for i in heldout_items(s)} for s in (a, b)]
@@ -178,7 +178,7 @@ def test_dedup_leaves_repeated_generation_targets_out_of_training(tmp_path):
     images = {i: photos[i % 12] for i in range(30)}
     for i in range(30, 36):  # re-encoded, resized copies of photos 0..5
         buf = io.BytesIO()
-        Image.open(io.BytesIO(photos[i - 30])).convert("RGB").resize((100, 100)).save(buf, "JPEG", quality=90)
+        Image.open(io.BytesIO(photos[i - 30])).convert("RGB").resize((96, 96)).save(buf, "JPEG", quality=85)
         images[i] = buf.getvalue()
     make_dataset(tmp_path / "pairs", "pairs", [["generation"] * 36], images=images)
     make_dataset(tmp_path / "vqa", "vqa", [["understanding"] * 10], images={i: photos[0] for i in range(10)})
@@ -198,3 +198,32 @@ def test_dedup_leaves_repeated_generation_targets_out_of_training(tmp_path):
             stream = MixtureStream(make_plan(load_spec(path)), global_batch_size=6, with_tokens=False)
             shas = [item["record"]["images"][0]["sha256"] for b in stream for item in b if item["source"] == "pairs"]
             assert len(shas) == len(set(shas)) == expect  # every target once, from the stream itself
+
+
+def test_the_plan_hash_names_the_split_and_the_dedup(shared):
+    """A saved plan or a resume must not take one split for another."""
+    hashes = {
+        make_plan(_spec(shared, h, name=f"h{i}")).hash
+        for i, h in enumerate((str(FRACTION), f"{{fraction: {FRACTION}}}", f"{{fraction: {FRACTION}, near: true}}"))
+    }
+    assert len(hashes) == 3
+    path = shared / "spec.yaml"
+    plain = make_plan(load_spec(path)).hash
+    path2 = shared / "spec-dedup.yaml"
+    path2.write_text(path.read_text() + "dedup: exact\n")
+    assert make_plan(load_spec(path2)).hash != plain  # pairs repeats vqa pictures: dedup drops some
+
+
+def test_dedup_keeps_a_copy_whose_first_is_never_drawn(tmp_path):
+    """A generation sample that no source draws (filtered out by kind) is not a 'first copy'."""
+    rng = np.random.default_rng(6)
+    photo = _photo(rng)
+    make_dataset(tmp_path / "d", "d", [["understanding", "generation"]], images={1: photo})
+    make_dataset(tmp_path / "e", "e", [["generation"] * 2], images={0: photo})
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        "dedup: exact\nsources:\n  u: {path: d, group: understanding, kind: understanding}\n"
+        "  g: {path: e, group: generation, kind: generation}\ngroups: {understanding: 1, generation: 2}\n"
+    )
+    plan = make_plan(load_spec(path))
+    assert {s.name: s.available for s in plan.sources} == {"u": 1, "g": 2}

@@ -7,6 +7,7 @@ import io
 import subprocess
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.mixtures.helpers import make_dataset
@@ -60,9 +61,13 @@ def test_near_hash_survives_reencoding_and_resizing_and_tells_pictures_apart():
     photos = [_photo(rng, 256) for _ in range(60)]
     hashes = [dhash(p) for p in photos] + [dhash(_reencoded(p, 160, 80)) for p in photos]
     assert all(h & int(KNOWN) for h in hashes)
-    labels = group_labels(np.zeros(120, np.uint64), np.array(hashes, dtype=np.uint64))
-    assert all(labels[i] == labels[60 + i] for i in range(60))  # every copy found
-    assert len(set(labels.tolist())) >= 55  # and distinct pictures mostly kept apart
+    near = np.array(hashes, dtype=np.uint64)
+    wide = group_labels(np.zeros(120, np.uint64), near, max_distance=4)
+    assert all(wide[i] == wide[60 + i] for i in range(60))  # within 4 bits: every copy found
+    assert len(set(wide.tolist())) == 60  # and no two distinct pictures joined
+    default = group_labels(np.zeros(120, np.uint64), near)  # 2 bits: the scalable default
+    found = sum(default[i] == default[60 + i] for i in range(60))
+    assert found >= 45 and len(set(default.tolist())) == 120 - found  # most copies, nothing else
     assert dhash(b"not an image") == 0
 
 
@@ -79,3 +84,27 @@ def test_new_indexes_hold_the_near_hash_and_the_command_prints_a_summary(tmp_pat
         vpit_argv("dedup", str(tmp_path / "nothing")), env=subprocess_env(), capture_output=True, text=True
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "manifest.json" in bad.stderr
+
+
+def test_an_index_from_before_near_hashes_reads_as_unknown_and_a_damaged_one_is_refused(tmp_path):
+    from vpit.errors import InputError
+
+    rng = np.random.default_rng(5)
+    make_dataset(tmp_path / "a", "a", [["understanding"] * 3], images={0: _photo(rng)})
+    npz = tmp_path / "a" / "shards" / "shard-000000.idx.npz"
+    with np.load(npz) as z:
+        old = {k: z[k] for k in z.files if k != "image_dhash"}
+    np.savez(npz, **old)  # as vpit wrote it before difference hashes
+    assert not load_shard_arrays(tmp_path / "a", "shard-000000").image_dhash.any()
+    r = find_duplicates(DedupConfig(datasets=(str(tmp_path / "a"),)))
+    assert r["no_near_hash"] == 3 and r["unhashed"] == 0
+    np.savez(npz, **{k: v for k, v in old.items() if k != "images"})
+    with pytest.raises(InputError, match="lacks images"):
+        load_shard_arrays(tmp_path / "a", "shard-000000")
+
+
+def test_the_card_of_an_empty_dataset_is_written_without_a_schema(tmp_path):
+    from vpit.pipelines.card import card_metadata
+
+    text = card_metadata(tmp_path, {"samples": 0, "shards": [], "kinds": {}}, None)
+    assert "shards/*.tar" in text and "dataset_info" not in text
