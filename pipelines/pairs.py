@@ -463,7 +463,7 @@ def estimate_attrition(config: PairsConfig, work: Path, progress: bool = True) -
     else:
         ds = pads.dataset(config.input, format={"jsonl": "json"}.get(fmt, fmt))
     picks = np.sort(np.random.default_rng(config.template_seed).choice(rows, size=n, replace=False))
-    table = ds.to_table(columns=[config.url_col, config.caption_col]).take(pa.array(picks))
+    table = ds.take(pa.array(picks), columns=[config.url_col, config.caption_col])  # only the sampled rows
     work.mkdir(parents=True, exist_ok=True)
     sample = work / "sample.parquet"
     pq.write_table(table, sample)

@@ -20,6 +20,7 @@ lets the model answer the bare prompt on its own for `FREE_BUDGET` tokens: how o
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -321,6 +322,24 @@ def write_eval(run_dir: str | Path, step: int, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def _warn_if_replanned(run_dir: Path, spec: Any) -> None:
+    """The held-out split is worked out again from the datasets as they are now; grouped by image,
+    a dataset re-ingested or extended since training can move a trained sample into it. The plan
+    hash names the split, so a different one is said (the evaluation still runs)."""
+    from vpit.mixtures import make_plan
+
+    saved = Path(run_dir) / "plan" / "plan.json"
+    if not saved.is_file():
+        return
+    then, now = json.loads(saved.read_text(encoding="utf-8"))["hash"], make_plan(spec).hash
+    if then != now:
+        print(
+            f"warning: {run_dir} was trained on plan {then}, its mixture now plans as {now} (a dataset or the "
+            "spec changed): the held-out split may include samples the run trained on",
+            file=sys.stderr,
+        )
+
+
 def evaluate_run(
     run: str | Path,
     suite: tuple[str, ...] = ("understanding", "generation"),
@@ -343,6 +362,7 @@ def evaluate_run(
     if not cfg["data"].get("mixture"):
         raise ConfigError(f"{run_dir}: trained on synthetic data, which has no held-out split to evaluate on")
     spec = load_spec(cfg["data"]["mixture"], cfg["data"].get("mixture_overrides") or None)
+    _warn_if_replanned(run_dir, spec)
     items = heldout_items(spec, max_per_source=max_per_source)
     model, tokenizer = load_checkpoint_model(ckpt)
     metrics = evaluate_items(

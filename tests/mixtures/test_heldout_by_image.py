@@ -227,3 +227,16 @@ def test_dedup_keeps_a_copy_whose_first_is_never_drawn(tmp_path):
     )
     plan = make_plan(load_spec(path))
     assert {s.name: s.available for s in plan.sources} == {"u": 1, "g": 2}
+
+
+def test_evaluating_a_run_whose_datasets_changed_says_so(shared, tmp_path, capsys):
+    from vpit.mixtures.plan import save_plan
+    from vpit.train.evaluate import _warn_if_replanned
+
+    spec = _spec(shared, f"{{fraction: {FRACTION}}}", name="trained")
+    save_plan(make_plan(spec), tmp_path / "run" / "plan")
+    _warn_if_replanned(tmp_path / "run", spec)
+    assert "warning" not in capsys.readouterr().err
+    changed = _spec(shared, f"{{fraction: {FRACTION}, near: true}}", name="trained")  # the same file, changed
+    _warn_if_replanned(tmp_path / "run", changed)
+    assert "may include samples the run trained on" in capsys.readouterr().err
