@@ -175,9 +175,14 @@ def format_report(root: Path, problems: list[ShardProblem], facts: dict[str, Any
         )
     for fp, states in facts["caches"].items():
         if set(states) - {"ok"}:
+            import json
+
+            from vpit.pipelines.token_cache import precompute_command
+
+            info = json.loads((root / "tokens" / fp / "fingerprint.json").read_text(encoding="utf-8"))
             lines.append(
-                f"fix       re-run `vpit precompute {root}` with the encoder settings in tokens/{fp}/fingerprint.json: "
-                "it rewrites the partial, stale and missing shards of that cache and keeps the rest"
+                f"fix       {precompute_command(root, info)}   (rewrites the partial, stale and missing shards "
+                f"of cache {fp} and keeps the rest)"
             )
     if problems:
         cfg = facts["manifest"].get("config", {})

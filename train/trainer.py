@@ -388,6 +388,11 @@ class Trainer:
             ckpt, state = self.resume_from
             load_checkpoint(self.engine, ckpt, universal=state.world_size != self.dist.world_size)
             self.step = state.step
+            # Steps after the checkpoint were trained by a state that is gone and are trained again:
+            # their log lines go, so every step (and every sample id) is logged once.
+            logs = [f"samples-rank{self.dist.rank}.jsonl", f"skipped-rank{self.dist.rank}.jsonl"]
+            for name in logs + (["metrics.jsonl"] if self.dist.rank == 0 else []):
+                _cut_log(self.run_dir / name, self.step)
             if self.dist.rank == 0:
                 how = (
                     f" (saved at world size {state.world_size}, re-cut for {self.dist.world_size})"
@@ -477,3 +482,13 @@ def _breakdown(src: torch.Tensor, names: list[str], groups: dict[str, str]) -> d
             out[f"vision_loss/group/{g}"] = v / nv
         out[f"share/{g}"] = n / max(total, 1.0)
     return out
+
+
+def _cut_log(path: Path, step: int) -> None:
+    """Keep the lines of a JSONL log whose step is at most `step` (rewritten whole, then renamed)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)

@@ -87,6 +87,9 @@ def test_kill_and_resume_matches_uninterrupted_run_at_world_size_2(tmp_path, tra
     for rank in (0, 1):
         ref_ids, cut_ids = _ids(ref_dir, rank), _ids(cut_dir, rank)
         assert all(cut_ids[s] == ref_ids[s] for s in range(1, STEPS + 1))
+    for name in ("metrics.jsonl", "samples-rank0.jsonl", "samples-rank1.jsonl"):  # the raw lines, not deduped
+        steps = [json.loads(line)["step"] for line in (cut_dir / name).read_text().splitlines() if line.strip()]
+        assert steps == list(range(1, STEPS + 1)), (name, steps)  # steps past the checkpoint logged once
     # the ranks saw different samples, and the run really learned something
     assert set(_ids(ref_dir, 0)[1]).isdisjoint(_ids(ref_dir, 1)[1])
     assert reference[-1]["text_loss"] < reference[0]["text_loss"]
