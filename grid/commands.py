@@ -116,7 +116,12 @@ def _run(spec: GridSpec, where: GridOutput, job: GridJob) -> None:
 
     plan_grid(spec)  # an infeasible cell fails here, before anything trains
     out = _out(spec, where)
-    print(run_grid(spec, out, ray_address=job.ray_address).summary())
+    result = run_grid(spec, out, ray_address=job.ray_address)
+    print(result.summary())
+    if result.stopped:  # SIGTERM/SIGUSR1: the cells checkpointed and stopped; no report of a partial grid
+        from vpit.errors import Terminated
+
+        raise Terminated()
     if job.optimum:
         print(run_optimum(spec, out, job.ray_address))
     _print_report(spec, out)
