@@ -122,6 +122,10 @@ def _run(spec: GridSpec, where: GridOutput, job: GridJob) -> None:
         from vpit.errors import Terminated
 
         raise Terminated()
+    if result.failed and not (result.finished or result.skipped):  # nothing to report: say why, in one line
+        cell, error = next(iter(result.failed.items()))
+        last = (error.strip().splitlines() or ["(no message)"])[-1]
+        raise ConfigError(f"every cell failed ({len(result.failed)}); the first, {cell}: {last}")
     if job.optimum:
         print(run_optimum(spec, out, job.ray_address))
     _print_report(spec, out)
