@@ -14,6 +14,7 @@ the licence and citation the user set at ingest (`--license`, `--citation`).
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ def features_for(root: Path, manifest: Manifest):
     import datasets
     import pyarrow as pa
 
-    from vpit.mixtures.catalog import RecordReader
-    from vpit.pipelines.shards import Dataset
+    from vpit.pipelines.shard_index import load_shard_arrays
+    from vpit.pipelines.shards import Dataset, open_tar
 
     shards = manifest["shards"]
     members: set[str] = set()
@@ -51,12 +52,17 @@ def features_for(root: Path, manifest: Manifest):
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
     picks = np.unique(np.linspace(0, total - 1, min(total, _RECORDS_FOR_SCHEMA)).round().astype(np.int64))
-    reader = RecordReader(root, tuple(e["name"] for e in shards))
-    try:
-        shard = np.searchsorted(starts, picks, side="right") - 1
-        records = [reader.record(int(s), int(g - starts[s])) for s, g in zip(shard, picks, strict=True)]
-    finally:
-        reader.close()
+    records = []
+    shard_of = np.searchsorted(starts, picks, side="right") - 1
+    for s in np.unique(shard_of):  # each shard opened once, its records read by offset
+        arrays = load_shard_arrays(root, shards[s]["name"])
+        fd = open_tar(root / "shards" / f"{shards[s]['name']}.tar", arrays.tar_bytes)
+        try:
+            for g in picks[shard_of == s]:
+                offset, size = arrays.json[int(g - starts[s])]
+                records.append(json.loads(os.pread(fd, int(size), int(offset))))
+        finally:
+            os.close(fd)
     json_type = pa.Table.from_pylist([{"json": r} for r in records]).schema.field("json").type
     features = datasets.Features.from_arrow_schema(pa.schema([pa.field("json", json_type)]))
     for name in sorted(members - {"json"}):
@@ -105,7 +111,7 @@ def write_card(root: Path, manifest: Manifest, license: str | None = None, citat
         "",
         "```python",
         "import datasets",
-        f'ds = datasets.load_dataset("{root}", split="train")',
+        'ds = datasets.load_dataset("path/to/this/folder", split="train")',
         "```",
         "",
         "## Samples per kind",

@@ -169,12 +169,13 @@ def _concatenate(root: Path, shard_names: list[str], columns: tuple[str, ...]) -
     """The shards' columns end to end: per-sample ones (kind, id_hash), per-image ones
     (image_sha, image_dhash), image_start renumbered to global image rows, and shard_starts."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns if c != "image_start"}
-    starts, image_start = [0], [np.zeros(1, np.int64)]
+    starts, image_start, rows = [0], [np.zeros(1, np.int64)], 0
     for name in shard_names:
         arrays = load_shard_arrays(root, name)
         for c in parts:
             parts[c].append(np.asarray(getattr(arrays, c)))
-        image_start.append(image_start[-1][-1] + np.asarray(arrays.image_start[1:], dtype=np.int64))
+        image_start.append(rows + np.asarray(arrays.image_start[1:], dtype=np.int64))
+        rows += int(arrays.image_start[-1])
         starts.append(starts[-1] + len(arrays))
     out = {"shard_starts": np.array(starts, dtype=np.int64)}
     for c, arrs in parts.items():

@@ -86,7 +86,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, cmd: Command, prefix
                 type=str if many else CliValue,
                 default=argparse.SUPPRESS,
                 help=text,
-                metavar=f.name.upper().rstrip("S") if many else f.name.upper(),
+                metavar=f.name.upper(),
             )
             continue
         flags = (["-" + dest] if len(dest) == 1 else []) + ["--" + dest.replace("_", "-")]
