@@ -127,7 +127,16 @@ class Stage:
         raise NotImplementedError
 
 
-class IngestLlava(Stage):
+class IngestStage(Stage):
+    """An ingest: its output is counted by sample id."""
+
+    def ids(self, out):
+        from vpit.pipelines.shards import Dataset
+
+        return Counter(s.record["id"] for s in Dataset(out))
+
+
+class IngestLlava(IngestStage):
     name = "ingest-llava"
 
     def prepare(self, work):
@@ -155,13 +164,8 @@ class IngestLlava(Stage):
             "1000000",
         )
 
-    def ids(self, out):
-        from vpit.pipelines.shards import Dataset
 
-        return Counter(s.record["id"] for s in Dataset(out))
-
-
-class IngestPairs(Stage):
+class IngestPairs(IngestStage):
     name = "ingest-pairs"
 
     def prepare(self, work):
@@ -175,13 +179,8 @@ class IngestPairs(Stage):
             "ingest", "pairs", str(work / "urls-live.parquet"), "-o", str(out), "--shard-size", "30", "--threads", "8"
         )
 
-    def ids(self, out):
-        from vpit.pipelines.shards import Dataset
 
-        return Counter(s.record["id"] for s in Dataset(out))
-
-
-class IngestVideo(Stage):
+class IngestVideo(IngestStage):
     name = "ingest-video"
 
     def prepare(self, work):
@@ -209,13 +208,8 @@ class IngestVideo(Stage):
             "2",
         )
 
-    def ids(self, out):
-        from vpit.pipelines.shards import Dataset
 
-        return Counter(s.record["id"] for s in Dataset(out))
-
-
-class IngestEditing(Stage):
+class IngestEditing(IngestStage):
     name = "ingest-editing"
 
     def prepare(self, work):
@@ -225,11 +219,6 @@ class IngestEditing(Stage):
 
     def command(self, work, trial, out):
         return _vpit("ingest", "editing", str(self.path), "-o", str(out), "--shard-size", "20", "--workers", "2")
-
-    def ids(self, out):
-        from vpit.pipelines.shards import Dataset
-
-        return Counter(s.record["id"] for s in Dataset(out))
 
 
 class Precompute(Stage):

@@ -123,12 +123,9 @@ def _run(spec: GridSpec, where: GridOutput, job: GridJob) -> None:
 
         raise Terminated()
     if result.failed and not (result.finished or result.skipped):  # nothing to report: say why, in one line
-        import errno
-        import os
-        import shutil
+        from vpit.common import raise_if_disk_full
 
-        if shutil.disk_usage(out).free < 2**20:  # the cells could not even write their error.txt
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+        raise_if_disk_full(out)  # the cells could not even write their error.txt
         cell, error = next(iter(result.failed.items()))
         last = (error.strip().splitlines() or ["(no message)"])[-1]
         raise ConfigError(f"every cell failed ({len(result.failed)}); the first, {cell}: {last}")

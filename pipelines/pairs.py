@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from vpit.common import cluster_cpus, init_ray, ray_gcs_address, subprocess_env
+from vpit.common import cluster_cpus, init_ray, raise_if_disk_full, ray_gcs_address, subprocess_env
 from vpit.config import path_field
 from vpit.errors import ConfigError
 from vpit.lock import FolderLock
@@ -266,8 +265,7 @@ def _run_job(
         for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the machine, not the input: say it so
             if any(f"[Errno {code}]" in line for line in tail):
                 raise OSError(code, os.strerror(code), str(folder))
-        if shutil.disk_usage(folder).free < 2**20:  # full before even the log could say so
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+        raise_if_disk_full(folder)  # full before even the log could say so
         raise IngestError(
             f"img2dataset failed (exit code {proc.returncode}); last lines of {log_path}:\n" + "\n".join(tail)
         )

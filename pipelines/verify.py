@@ -27,6 +27,7 @@ from typing import Any
 
 from vpit.config import path_field
 from vpit.errors import InputError, VpitError
+from vpit.pipelines.ingest import file_sha256
 from vpit.pipelines.shard_index import index_arrays, load_shard_arrays
 from vpit.pipelines.shards import load_manifest
 
@@ -51,14 +52,6 @@ class ShardProblem:
     problem: str
     byte_range: tuple[int, int] | None = None
     """The first bad [start, end) bytes of the tar, when they are known."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_members(root: Path, name: str) -> ShardProblem | None:
@@ -142,7 +135,7 @@ def verify_dataset(root: str | Path, caches: bool = True) -> tuple[list[ShardPro
         problem = None
         if size != entry["tar_bytes"]:
             problem = ShardProblem(name, f"its tar is {size} bytes, the manifest says {entry['tar_bytes']}")
-        elif _sha256(tar) != entry["tar_sha256"]:
+        elif file_sha256(tar) != entry["tar_sha256"]:
             problem = ShardProblem(name, "its tar's sha256 differs from the manifest's")
         located = _check_members(root, name)
         if located is not None:  # where the damage is (or why the index cannot be trusted)

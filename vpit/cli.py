@@ -202,7 +202,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[Any, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vpit.common import quiet
+    from vpit.common import disk_full, quiet
     from vpit.errors import VpitError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         out = _output_of(args, configs)
         env = environment_error_in(e)
-        if env is None and out and _disk_full(out):  # e.g. torch.save's "unexpected pos" when the disk fills
+        if env is None and out and disk_full(out):  # e.g. torch.save's "unexpected pos" when the disk fills
             first = (str(e).strip().splitlines() or [""])[0][:120]
             env = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(e).__name__}: {first})")
         if env is None:
@@ -268,18 +268,6 @@ def _output_of(args: argparse.Namespace, configs: tuple) -> str | None:
             if isinstance(value, str | os.PathLike) and str(value):
                 return str(value)
     return None
-
-
-def _disk_full(path: str) -> bool:
-    import shutil
-
-    p = os.path.abspath(path)
-    while not os.path.exists(p) and os.path.dirname(p) != p:
-        p = os.path.dirname(p)
-    try:
-        return shutil.disk_usage(p).free < 2**20
-    except OSError:
-        return False
 
 
 def _exit_now(signum, frame) -> None:

@@ -257,3 +257,25 @@ def text_table(head: tuple, rows: list[tuple], left: int = 1) -> list[str]:
         )
 
     return [line(head), "  " + "-" * (sum(widths) + 2 * len(widths) - 2), *map(line, rows)]
+
+
+def disk_full(path: str | Path) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has under 1 MiB free:
+    the likely cause when a write fails with an error that is not itself ENOSPC."""
+    import shutil
+
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        return shutil.disk_usage(p).free < 2**20
+    except OSError:
+        return False
+
+
+def raise_if_disk_full(path: str | Path) -> None:
+    """Raise ENOSPC naming `path` when its disk is full (the CLI says it in one line)."""
+    import errno
+
+    if disk_full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
