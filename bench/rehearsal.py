@@ -157,7 +157,10 @@ def _run(cfg: Path, out: Path, nproc: int, *sets: str, resume: bool = False) -> 
     if res.returncode != 0:
         sys.exit(f"rehearsal run {out.name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     ranks = [json.loads(Path(f"{report}.rank{r}.json").read_text()) for r in range(nproc)]
-    return {"ranks": ranks, "wall_s": time.perf_counter() - t0, "stdout": res.stdout}
+    wall = time.perf_counter() - t0
+    peak = max(r["build_peak_rss"] for r in ranks) / 2**30
+    print(f"{out.name} (world {nproc}): {wall:.0f}s, peak RSS at build {peak:.1f} GB per rank", flush=True)
+    return {"ranks": ranks, "wall_s": wall, "stdout": res.stdout}
 
 
 def _metrics(run: Path) -> dict[int, dict]:
@@ -224,14 +227,12 @@ def main() -> None:
     # dropped as soon as nothing needs them (the whole bench peaks near 30 GB of disk).
     ref2 = _run(cfg, work / "run-w2", 2, "gradient_checkpointing=true")
     _drop_checkpoints(work / "run-w2", keep=2)
-    print(f"uninterrupted, world 2: {ref2['wall_s']:.0f}s", flush=True)
     plain = _run(cfg, work / "run-w2-no-zero-init", 2, "zero_init=false", "max_steps=1", "save_every=1000")
     no_ckpt = _run(cfg, work / "run-w2-no-ckpt", 2, "max_steps=1", "save_every=1000")
     for run in ("run-w2-no-zero-init", "run-w2-no-ckpt"):
         _drop_checkpoints(work / run)
     ref1 = _run(cfg, work / "run-w1", 1, "grad_accum=2", "gradient_checkpointing=true")
     _drop_checkpoints(work / "run-w1", keep=2)
-    print(f"uninterrupted, world 1: {ref1['wall_s']:.0f}s", flush=True)
     _cut_at(work / "run-w2", work / "run-2to1", 2)
     r21 = _run(cfg, work / "run-2to1", 1, "grad_accum=2", "gradient_checkpointing=true", resume=True)
     _drop_checkpoints(work / "run-2to1")
