@@ -14,13 +14,17 @@ from typing import Any
 import yaml
 
 from vpit.errors import ConfigError, InputError
-from vpit.mixtures.spec import HELDOUT_BY, GroupSpec, MixtureSpec, SourceSpec, parse_count
+from vpit.mixtures.spec import HELDOUT_BY, UNITS, GroupSpec, MixtureSpec, PhaseSpec, SourceSpec, parse_count
 
 __all__ = ["apply_overrides", "load_raw", "load_spec", "spec_from_dict"]
 
-TOP_KEYS = {"include", "description", "seed", "repetition", "cache", "total", "heldout", "dedup", "sources", "groups"}
+TOP_KEYS = {
+    "include", "description", "seed", "repetition", "cache", "total", "heldout", "dedup", "sources", "groups",
+    "phases", "unit", "tokenizer",
+}  # fmt: skip
 SOURCE_KEYS = {"path", "group", "kind"}
 GROUP_KEYS = {"count", "weight", "split"}
+PHASE_KEYS = {"name", "groups", "total"}
 
 
 class _Problems(list):
@@ -44,13 +48,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _expand_groups(groups: Any) -> Any:
+    if not isinstance(groups, dict):
+        return groups
+    return {k: (v if isinstance(v, dict) or v is None else {"count": v}) for k, v in groups.items()}
+
+
 def _normalise(data: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Expand group shorthands (`understanding: 7M`) and make source paths absolute."""
+    """Expand group shorthands (`understanding: 7M`), name phases, make paths absolute."""
     data = dict(data)
-    if isinstance(data.get("groups"), dict):
-        data["groups"] = {
-            k: (v if isinstance(v, dict) or v is None else {"count": v}) for k, v in data["groups"].items()
-        }
+    data["groups"] = _expand_groups(data.get("groups"))
+    if data["groups"] is None:
+        del data["groups"]
+    if isinstance(data.get("phases"), list):
+        data["phases"] = [
+            dict(ph, name=ph.get("name", f"phase{i + 1}"), groups=_expand_groups(ph.get("groups")))
+            if isinstance(ph, dict)
+            else ph
+            for i, ph in enumerate(data["phases"])
+        ]
+    tok = data.get("tokenizer")
+    if isinstance(tok, str) and (folder / tok).is_dir():  # a local tokenizer folder, relative to the YAML
+        data["tokenizer"] = str((folder / tok).resolve())
     if isinstance(data.get("sources"), dict):
         sources = {}
         for name, src in data["sources"].items():
@@ -104,15 +123,24 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], folder: Pat
             raise ConfigError(f"override {dotted!r}: empty key in dotted path")
         node = data
         for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):  # phases: by name (phases.stage2...) or by position (phases.1...)
+                k = _list_index(node, k, dotted)
+                child = node[k] = dict(node[k])
+                node = child
+                continue
             child = node.get(k)
             if child is None:
                 child = node[k] = {}
+            elif isinstance(child, list):
+                child = node[k] = list(child)
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is a value, not a mapping")
             else:
                 child = node[k] = dict(child)
             node = child
-        if keys[0] == "groups" and len(keys) == 2 and value is not None and not isinstance(value, dict):
+        if isinstance(node, list):
+            raise ConfigError(f"override {dotted!r}: name a key inside the phase, e.g. {dotted}.total")
+        if keys[-2:-1] == ["groups"] and value is not None and not isinstance(value, dict):
             value = {"count": value}  # `groups.generation: 200k` like the YAML shorthand
         if keys[0] == "sources" and keys[-1] == "path" and isinstance(value, str):
             value = str((folder / value).resolve())
@@ -121,6 +149,17 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], folder: Pat
         else:
             node[keys[-1]] = value
     return data
+
+
+def _list_index(items: list, key: str, dotted: str) -> int:
+    names = [it.get("name") if isinstance(it, dict) else None for it in items]
+    if key in names:
+        return names.index(key)
+    if key.isdigit() and int(key) < len(items):
+        return int(key)
+    raise ConfigError(
+        f"override {dotted!r}: no phase {key!r}; name one of {', '.join(map(str, names))} or a position 0-{len(items) - 1}"
+    )
 
 
 def _unknown(where: str, got: dict, allowed: set[str], problems: _Problems) -> None:
@@ -158,12 +197,7 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
     )
     dedup = data.get("dedup")
     p.check(dedup in (None, "exact", "near"), f"dedup: expected exact or near (or leave it out), got {dedup!r}")
-    total = None
-    if data.get("total") is not None:
-        try:
-            total = parse_count(data["total"], "total")
-        except ValueError as e:
-            p.append(str(e))
+    total = _count(data.get("total"), "total", p)
 
     sources = []
     raw_sources = data.get("sources")
@@ -186,49 +220,43 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
             except ValueError as e:
                 p.append(str(e))
 
-    groups = []
-    raw_groups = data.get("groups")
-    if p.check(
-        isinstance(raw_groups, dict) and raw_groups,
-        "groups: expected a mapping of group name -> count (or {count|weight, split}); the spec has none",
-    ):
-        for name, grp in raw_groups.items():
-            where = f"groups.{name}"
-            if not p.check(isinstance(grp, dict), f"{where}: expected a count or a mapping, got {grp!r}"):
-                continue
-            _unknown(f"{where}.", grp, GROUP_KEYS, p)
-            kw: dict[str, Any] = {"name": str(name)}
-            try:
-                if grp.get("count") is not None:
-                    kw["count"] = parse_count(grp["count"], f"{where}.count")
-                if grp.get("weight") is not None:
-                    w = grp["weight"]
-                    if isinstance(w, bool) or not isinstance(w, int | float):
-                        raise ConfigError(f"{where}.weight: expected a number > 0, got {w!r}")
-                    kw["weight"] = float(w)
-                split = grp.get("split", "proportional")
-                if isinstance(split, dict):
-                    shares = []
-                    for src, w in split.items():
-                        if isinstance(w, bool) or not isinstance(w, int | float):
-                            raise ConfigError(f"{where}.split.{src}: expected a share > 0, got {w!r}")
-                        shares.append((str(src), float(w)))
-                    kw["split"], kw["shares"] = "explicit", tuple(shares)
-                elif split == "explicit":
-                    raise ConfigError(
-                        f"{where}.split: explicit means a mapping {{source: share}}, e.g. "
-                        "split: {vqa: 3, captions: 1}"
-                    )
-                else:
-                    kw["split"] = split
-                groups.append(GroupSpec(**kw))
-            except ValueError as e:
-                p.append(str(e))
+    groups: tuple[GroupSpec, ...] = ()
+    phases: list[PhaseSpec] = []
+    if data.get("phases") is not None:
+        raw_phases = data["phases"]
+        p.check(
+            data.get("groups") is None and data.get("total") is None,
+            "groups: a spec with phases gives its amounts in each phase; remove the top-level groups/total",
+        )
+        if p.check(
+            isinstance(raw_phases, list) and raw_phases,
+            "phases: expected a list of phases, each {name, groups, total}",
+        ):
+            for i, ph in enumerate(raw_phases):
+                where = f"phases.{ph.get('name', i) if isinstance(ph, dict) else i}"
+                if not p.check(isinstance(ph, dict), f"{where}: expected a mapping with groups, got {ph!r}"):
+                    continue
+                _unknown(f"{where}.", ph, PHASE_KEYS, p)
+                ptotal = _count(ph.get("total"), f"{where}.total", p)
+                pgroups = _parse_groups(ph.get("groups"), f"{where}.groups", p, zero_ok=True)
+                try:
+                    phases.append(PhaseSpec(name=str(ph.get("name")), groups=pgroups, total=ptotal))
+                except ValueError as e:
+                    p.append(str(e))
+    else:
+        groups = _parse_groups(data.get("groups"), "groups", p, zero_ok=False)
+    unit = data.get("unit", "samples")
+    p.check(unit in UNITS, f"unit: expected one of {', '.join(UNITS)}, got {unit!r}")
+    tokenizer = data.get("tokenizer")
+    p.check(tokenizer is None or isinstance(tokenizer, str), f"tokenizer: expected a name or folder, got {tokenizer!r}")
     if p:
         raise ConfigError(f"invalid mixture spec {origin}:\n  - " + "\n  - ".join(p))
     return MixtureSpec(
         sources=tuple(sources),
-        groups=tuple(groups),
+        groups=groups,
+        phases=tuple(phases),
+        unit=unit,
+        tokenizer=tokenizer,
         seed=seed,
         repetition=repetition,
         cache=cache,
@@ -239,6 +267,65 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
         dedup=dedup if dedup in ("exact", "near") else None,
         origin=origin,
     )
+
+
+def _count(value: Any, where: str, p: _Problems) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_count(value, where)
+    except ValueError as e:
+        p.append(str(e))
+        return None
+
+
+def _parse_groups(raw_groups: Any, where_groups: str, p: _Problems, zero_ok: bool) -> tuple[GroupSpec, ...]:
+    """Group entries; in a phase (`zero_ok`) an amount of 0 means the phase draws none of the group."""
+    groups = []
+    if not p.check(
+        isinstance(raw_groups, dict) and raw_groups,
+        f"{where_groups}: expected a mapping of group name -> count (or {{count|weight, split}}); there is none",
+    ):
+        return ()
+    for name, grp in raw_groups.items():
+        where = f"{where_groups}.{name}"
+        if not p.check(isinstance(grp, dict), f"{where}: expected a count or a mapping, got {grp!r}"):
+            continue
+        _unknown(f"{where}.", grp, GROUP_KEYS, p)
+        if zero_ok and (grp.get("count") == 0 or grp.get("weight") == 0):
+            continue
+        kw: dict[str, Any] = {"name": str(name)}
+        try:
+            if grp.get("count") is not None:
+                kw["count"] = parse_count(grp["count"], f"{where}.count")
+            if grp.get("weight") is not None:
+                w = grp["weight"]
+                if isinstance(w, bool) or not isinstance(w, int | float):
+                    raise ConfigError(f"{where}.weight: expected a number > 0, got {w!r}")
+                kw["weight"] = float(w)
+            split = grp.get("split", "proportional")
+            if isinstance(split, dict):
+                shares = []
+                for src, w in split.items():
+                    if isinstance(w, bool) or not isinstance(w, int | float):
+                        raise ConfigError(f"{where}.split.{src}: expected a share > 0, got {w!r}")
+                    shares.append((str(src), float(w)))
+                kw["split"], kw["shares"] = "explicit", tuple(shares)
+            elif split == "explicit":
+                raise ConfigError(
+                    f"{where}.split: explicit means a mapping {{source: share}}, e.g. split: {{vqa: 3, captions: 1}}"
+                )
+            else:
+                kw["split"] = split
+            group = GroupSpec(**kw)
+        except ValueError as e:
+            msg = str(e)
+            if where != f"groups.{name}":  # GroupSpec names the field from the top level
+                msg = msg.replace(f"groups.{name}", where, 1)
+            p.append(msg)
+            continue
+        groups.append(group)
+    return tuple(groups)
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> MixtureSpec:

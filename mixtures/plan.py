@@ -29,12 +29,33 @@ from vpit.mixtures.quota import apportion
 from vpit.mixtures.spec import MixtureSpec
 from vpit.pipelines.shards import load_manifest
 
-__all__ = ["PLAN_VERSION", "Plan", "SourcePlan", "load_plan", "make_plan", "save_plan", "spec_key", "text_chars"]
+__all__ = [
+    "PLAN_VERSION", "PhasePlan", "Plan", "SourcePlan", "load_plan", "make_plan", "save_plan", "spec_key",
+    "text_chars",
+]  # fmt: skip
 
 PLAN_VERSION = 1  # bump when the sampler's mapping from (plan, index) to sample changes
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English BPE tokenizers; estimates only
 ESTIMATE_SAMPLES = 32  # records read per source for the token estimates
 DEFAULT_M = 64  # visual tokens per image when no cache is named (the reference recipe)
+TOKEN_SAMPLES = 2048  # records per source tokenized for unit: tokens (the source's first draws)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    """One phase's exact counts; the phases run in order, each a contiguous stretch of samples."""
+
+    name: str
+    groups: tuple[tuple[str, int], ...]
+    """(group, samples in this phase) for every group of the plan, in plan order (0: none)."""
+    counts: tuple[tuple[str, int], ...]
+    """(source, samples in this phase) for every source, in plan order."""
+    tokens: tuple[tuple[str, int], ...] = ()
+    """With unit tokens: (group, token amount asked for) in plan order."""
+
+    @property
+    def total(self) -> int:
+        return sum(c for _, c in self.groups)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -52,6 +73,8 @@ class SourcePlan:
     """Estimated text tokens over the run."""
     images: int
     """Estimated images over the run."""
+    tokens_per_sample: float | None = None
+    """With unit tokens: mean text + visual tokens per sample, measured with the spec's tokenizer."""
 
     @property
     def available(self) -> int:
@@ -76,12 +99,19 @@ class Plan:
     """Visual token width (from the cache), None without one."""
     hash: str
     heldout: tuple[dict, ...] = ()
-    downloads: tuple[tuple[str, dict], ...] = ()
-    duplicates: tuple[tuple[str, int], ...] = ()
-    """(dataset, generation samples left out as repeats) with the spec's `dedup`."""
-    """(source, download_arrivals) for sources built from URL downloads: requested vs arrived."""
     """With a held-out split by image: per dataset, what grouping moved and what the id hash
     alone would have leaked (`heldout.ImageSplit.report`)."""
+    downloads: tuple[tuple[str, dict], ...] = ()
+    """(source, download_arrivals) for sources built from URL downloads: requested vs arrived."""
+    duplicates: tuple[tuple[str, int], ...] = ()
+    """(dataset, generation samples left out as repeats) with the spec's `dedup`."""
+    phases: tuple[PhasePlan, ...] = ()
+    """The phases in order; () for a plan made by hand: one phase of `groups` and the counts."""
+
+    def phase_plans(self) -> tuple[PhasePlan, ...]:
+        if self.phases:
+            return self.phases
+        return (PhasePlan("all", self.groups, tuple((s.name, s.count) for s in self.sources)),)
 
     @property
     def total(self) -> int:
@@ -301,29 +331,69 @@ def make_plan(spec: MixtureSpec) -> Plan:
     if problems:
         raise ConfigError(f"cannot plan {spec.origin}:\n  - " + "\n  - ".join(problems))
 
-    if spec.total is not None:
-        amounts = apportion(spec.total, [g.weight for g in spec.groups])
-        for g, a in zip(spec.groups, amounts, strict=True):
-            if a == 0:
-                problems.append(
-                    f"groups.{g.name}.weight: {g.weight} of total {spec.total:,} rounds to 0 samples; "
-                    "raise the weight or the total"
-                )
-    else:
-        amounts = [g.count for g in spec.groups]
-    counts: dict[str, int] = {}
-    for g, amount in zip(spec.groups, amounts, strict=True):
-        split = _split(spec, g, amount, catalogs)
-        counts.update(split)
-        over = [n for n, c in split.items() if c > catalogs[n].size]
-        if over and spec.repetition == "error":
-            most = _most_feasible(g, list(split), catalogs, dict(g.shares))
-            field = f"groups.{g.name}.count" if spec.total is None else f"total (or groups.{g.name}.weight)"
-            detail = ", ".join(f"{n} needs {split[n]:,} of {catalogs[n].size:,}{_shortfall(catalogs[n])}" for n in over)
-            problems.append(
-                f"{field}: group {g.name} asks for {amount:,} samples but {detail}; lower it to at most "
-                f"{most:,}, add sources to group {g.name}, or set repetition: allow"
+    per_sample = _token_means(spec, catalogs, m) if spec.unit == "tokens" else {}
+    group_names = spec.group_names
+    multi = len(spec.phases) > 1 or not spec.groups
+    phases, counts = [], {s.name: 0 for s in spec.sources}
+    for ph in spec.phases:
+        where = f"phases.{ph.name}." if multi else ""
+        if ph.total is not None:
+            amounts = apportion(ph.total, [g.weight for g in ph.groups])
+            for g, a in zip(ph.groups, amounts, strict=True):
+                if a == 0:
+                    problems.append(
+                        f"{where}groups.{g.name}.weight: {g.weight} of total {ph.total:,} rounds to 0; "
+                        "raise the weight or the total"
+                    )
+        else:
+            amounts = [g.count for g in ph.groups]
+        tokens = dict(zip((g.name for g in ph.groups), amounts, strict=True)) if per_sample else {}
+        if per_sample:  # token amounts -> sample counts, at each group's mean tokens per sample
+            amounts = [max(1, round(a / _group_mean(spec, g, catalogs, per_sample))) for g, a in zip(ph.groups, amounts)]
+        split: dict[str, int] = {}
+        for g, amount in zip(ph.groups, amounts, strict=True):
+            split.update(_split(spec, g, amount, catalogs))
+        for name in counts:
+            counts[name] += split.get(name, 0)
+        by_group = dict(zip((g.name for g in ph.groups), amounts, strict=True))
+        phases.append(
+            PhasePlan(
+                name=ph.name,
+                groups=tuple((g, by_group.get(g, 0)) for g in group_names),
+                counts=tuple((s.name, split.get(s.name, 0)) for s in spec.sources),
+                tokens=tuple((g, tokens.get(g, 0)) for g in group_names) if tokens else (),
             )
+        )
+    over = [n for n, c in counts.items() if c > catalogs[n].size]
+    if over and spec.repetition == "error":
+        for name in over:
+            src = next(s for s in spec.sources if s.name == name)
+            asks = [(ph, dict(pp.counts)[name]) for ph, pp in zip(spec.phases, phases, strict=True)]
+            asks = [(ph, c) for ph, c in asks if c]
+            if len(asks) == 1 and not multi:
+                g = next(g for g in spec.groups if g.name == src.group)
+                amount = dict(phases[0].groups)[g.name]
+                most = _most_feasible(g, [s.name for s in spec.sources if s.group == g.name], catalogs, dict(g.shares))
+                field = f"groups.{g.name}.count" if spec.total is None else f"total (or groups.{g.name}.weight)"
+                members = [s.name for s in spec.sources if s.group == g.name]
+                detail = ", ".join(
+                    f"{n} needs {counts[n]:,} of {catalogs[n].size:,}{_shortfall(catalogs[n])}"
+                    for n in members
+                    if n in over
+                )
+                if name != next(n for n in members if n in over):
+                    continue  # one line per group
+                problems.append(
+                    f"{field}: group {g.name} asks for {amount:,} samples but {detail}; lower it to at most "
+                    f"{most:,}, add sources to group {g.name}, or set repetition: allow"
+                )
+            else:
+                per = ", ".join(f"{c:,} in {ph.name}" for ph, c in asks)
+                problems.append(
+                    f"phases: source {name} (group {src.group}) is drawn {counts[name]:,} times ({per}) but has "
+                    f"{catalogs[name].size:,} samples{_shortfall(catalogs[name])}; lower group {src.group}'s "
+                    "amounts in these phases, add sources to it, or set repetition: allow"
+                )
     if problems:
         raise ConfigError(f"infeasible mixture {spec.origin}:\n  - " + "\n  - ".join(problems))
 
@@ -339,9 +409,10 @@ def make_plan(spec: MixtureSpec) -> Plan:
                 count=counts[s.name],
                 text_tokens=text,
                 images=images,
+                tokens_per_sample=per_sample.get(s.name),
             )
         )
-    groups = tuple((g.name, a) for g, a in zip(spec.groups, amounts, strict=True))
+    groups = tuple((g, sum(dict(p.groups)[g] for p in phases)) for g in group_names)
     from vpit.mixtures.sampler import SAMPLER_VERSION
 
     key = {
@@ -352,6 +423,8 @@ def make_plan(spec: MixtureSpec) -> Plan:
         "groups": groups,
         "sources": [(s.name, s.group, s.kind, s.catalog.fingerprint, s.count) for s in sources],
     }
+    if multi or spec.unit != "samples":  # (a plan of one phase in samples keeps the hash it always had)
+        key["phases"] = [dataclasses.astuple(p) for p in phases]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     heldout = grouping.for_sources(spec) if grouping else ()
     downloads = tuple((s.name, a) for s in sources if (a := download_arrivals(s.catalog.root)))
@@ -366,7 +439,53 @@ def make_plan(spec: MixtureSpec) -> Plan:
         heldout=heldout,
         downloads=downloads,
         duplicates=duplicates,
+        phases=tuple(phases),
     )
+
+
+def _token_means(spec: MixtureSpec, catalogs: dict[str, Catalog], m: int) -> dict[str, float]:
+    """Mean tokens per sample of each source: text tokens with the spec's tokenizer plus m per
+    image, over its first TOKEN_SAMPLES draws (the samples the stream takes first)."""
+    from vpit.mixtures.sampler import source_items
+    from vpit.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec.tokenizer)
+    out = {}
+    for s in spec.sources:
+        catalog = catalogs[s.name]
+        n = min(TOKEN_SAMPLES, catalog.size)
+        shards, positions = catalog.locate(source_items(spec.seed, s.name, catalog.size, np.arange(n)))
+        reader = RecordReader(catalog.root, catalog.shard_names)
+        total, seen = 0, 0
+        try:
+            for sh, p in zip(shards, positions, strict=True):
+                try:
+                    total += sample_tokens(reader.record(int(sh), int(p)), tok, m)
+                    seen += 1
+                except ValueError:  # a damaged record: the trainer skips it too
+                    continue
+        finally:
+            reader.close()
+        out[s.name] = total / max(1, seen)
+    return out
+
+
+def sample_tokens(record: dict, tokenizer, m: int) -> int:
+    """Tokens a sample counts for in `unit: tokens`: its text parts' tokens + m per image (the
+    chat template's few tokens per turn are not counted)."""
+    texts = [part["text"] for msg in record.get("messages", []) for part in msg["content"] if part.get("text")]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return sum(len(x) for x in ids) + m * len(record.get("images", []))
+
+
+def _group_mean(spec: MixtureSpec, group, catalogs: dict[str, Catalog], per_sample: dict[str, float]) -> float:
+    """Mean tokens per sample of a group's draws, its sources weighted as its split weights them."""
+    members = [s.name for s in spec.sources if s.group == group.name]
+    weights = dict(group.shares) if group.split == "explicit" else None
+    w = [
+        1.0 if group.split == "equal" else (weights[n] if weights else catalogs[n].size) for n in members
+    ]  # fmt: skip
+    return sum(wi * per_sample[n] for wi, n in zip(w, members, strict=True)) / sum(w)
 
 
 def download_arrivals(root: Path) -> dict | None:
@@ -422,6 +541,7 @@ def save_plan(plan: Plan, folder: str | Path) -> Path:
         sources.append(
             {
                 **{k: getattr(s, k) for k in ("name", "group", "kind", "count", "text_tokens", "images")},
+                "tokens_per_sample": s.tokens_per_sample,
                 "root": str(c.root),
                 "shard_names": list(c.shard_names),
                 "fingerprint": c.fingerprint,
@@ -440,6 +560,7 @@ def save_plan(plan: Plan, folder: str | Path) -> Path:
         "heldout": list(plan.heldout),
         "downloads": [list(d) for d in plan.downloads],
         "duplicates": [list(d) for d in plan.duplicates],
+        "phases": [dataclasses.asdict(p) for p in plan.phases],
     }
     (tmp / "plan.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     if folder.exists():
@@ -470,7 +591,9 @@ def load_plan(folder: str | Path, spec: MixtureSpec) -> Plan:
         )
         sources.append(
             SourcePlan(
-                **{k: s[k] for k in ("name", "group", "kind", "count", "text_tokens", "images")}, catalog=catalog
+                **{k: s[k] for k in ("name", "group", "kind", "count", "text_tokens", "images")},
+                catalog=catalog,
+                tokens_per_sample=s.get("tokens_per_sample"),
             )
         )
     groups = tuple((g, int(c)) for g, c in meta["groups"])
@@ -485,4 +608,8 @@ def load_plan(folder: str | Path, spec: MixtureSpec) -> Plan:
         heldout=heldout,
         downloads=tuple((n, a) for n, a in meta.get("downloads", ())),
         duplicates=tuple((r, int(n)) for r, n in meta.get("duplicates", ())),
+        phases=tuple(
+            PhasePlan(p["name"], *(tuple((k, int(v)) for k, v in p[f]) for f in ("groups", "counts", "tokens")))
+            for p in meta.get("phases", ())
+        ),
     )

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fractions import Fraction
+from itertools import combinations
 
 import numpy as np
 
 from vpit.errors import ConfigError
 
-__all__ = ["apportion", "group_schedule", "split_schedule"]
+__all__ = ["apportion", "group_schedule", "segment_schedule", "split_schedule"]
 
 
 def apportion(total: int, weights: Sequence[float | int | Fraction]) -> list[int]:
@@ -95,6 +96,67 @@ def group_schedule(counts: Sequence[int], batch_size: int) -> np.ndarray:
     if last:
         out[full] = np.asarray(n) - out[:full].sum(axis=0)
     _check(out, n, [b] * full + ([last] if last else []), per_batch=True)
+    return out
+
+
+def segment_schedule(counts: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+    """Like `group_schedule`, for segments of any sizes (a phase that starts or ends inside a
+    global batch: its part of that batch is a segment). Shape (len(sizes), parts); every entry
+    is floor or ceil of b_k n_g / N and every cumulative count floor or ceil of its ideal.
+
+    At each segment end T_k a part is rounded down or up (X = floor or ceil of T_k p_g, with
+    sum_g frac(T_k p_g) parts up). Writing r = frac(T_k p_g), a segment keeps its bound exactly
+    when a part goes from down to up only as r grows and from up to down only as r falls. The
+    rounded-up sets form a small state space (subsets of the parts with a fraction), searched
+    forward with back-pointers. A path always exists: the constraints (segment sums, and each
+    part's prefix sums) are two laminar families, so their polytope is integral, and it holds
+    the ideal x = b_k p_g. Whole batches after an aligned start take `group_schedule` (PD²)."""
+    n = [int(c) for c in counts]
+    sizes = [int(x) for x in sizes]
+    total = sum(n)
+    if total <= 0 or any(c < 0 for c in n) or any(x <= 0 for x in sizes) or sum(sizes) != total:
+        raise ConfigError(f"segment_schedule: need positive sizes summing to the counts' total, got {sizes}, {n}")
+    if len(sizes) == 1:
+        return np.asarray([n], dtype=np.int64)
+    if all(x == sizes[0] for x in sizes[:-1]) and sizes[-1] <= sizes[0]:
+        return group_schedule(n, sizes[0])
+    active = [g for g, c in enumerate(n) if 0 < c < total]
+    ends = np.cumsum(sizes).tolist()
+    rems = [[(t * n[g]) % total for g in active] for t in ends]
+    prev_r = [0] * len(active)
+    layers: list[dict[int, int]] = []
+    states = {0: -1}
+    for k, r in enumerate(rems):
+        ups = sum(r) // total
+        nxt: dict[int, int] = {}
+        for mask in states:
+            forced, optional = 0, []
+            for i in range(len(active)):
+                up = mask >> i & 1
+                if up and r[i] and r[i] >= prev_r[i]:
+                    forced |= 1 << i
+                elif (up and r[i] and r[i] < prev_r[i]) or (not up and r[i] > prev_r[i]):
+                    optional.append(i)
+            need = ups - forced.bit_count()
+            if not 0 <= need <= len(optional):
+                continue
+            for pick in combinations(optional, need):
+                new = forced | sum(1 << i for i in pick)
+                nxt.setdefault(new, mask)
+        if not nxt:
+            raise RuntimeError(f"segment_schedule: no rounding for segment {k} (counts={n}, sizes={sizes}); this is a bug")
+        layers.append(nxt)
+        states, prev_r = nxt, r
+    cum = np.zeros((len(sizes) + 1, len(n)), dtype=np.int64)
+    mask = 0  # the last end is the total: every part whole
+    for k in range(len(sizes) - 1, -1, -1):
+        for g in range(len(n)):
+            cum[k + 1, g] = ends[k] * n[g] // total
+        for i, g in enumerate(active):
+            cum[k + 1, g] += mask >> i & 1
+        mask = layers[k][mask]
+    out = np.diff(cum, axis=0)
+    _check(out, n, sizes, per_batch=True)
     return out
 
 

@@ -2,7 +2,10 @@
 
 - `make_schedule` runs the quota method once per (plan, B): how many draws each source
   gets in each global batch (`mixtures.quota`), kept as cumulative counts, so batch k's
-  draws from source s are draws[k, s] .. draws[k + 1, s] - 1.
+  draws from source s are draws[k, s] .. draws[k + 1, s] - 1. Phases run one after the
+  other; a batch that straddles a phase boundary holds a segment of each, and each segment
+  keeps its phase's per-batch bound. A source's draws run on across phases, so its
+  permutation continues and never restarts.
 - The j-th draw from a source is element j mod size of a seeded permutation of its
   eligible samples, a fresh permutation per pass (epoch = j // size). With repetition
   every sample thus appears floor or ceil of count / size times, never more. The
@@ -23,7 +26,7 @@ import zlib
 import numpy as np
 
 from vpit.errors import ConfigError
-from vpit.mixtures.quota import group_schedule, split_schedule
+from vpit.mixtures.quota import segment_schedule, split_schedule
 
 __all__ = [
     "SAMPLER_VERSION",
@@ -53,6 +56,8 @@ class Schedule:
     """int64 (K + 1, sources): draws of each source before batch k."""
     group_of: np.ndarray
     """int64 (sources,): index of each source's group in plan.groups."""
+    segments: tuple[tuple[int, np.ndarray], ...] = ()
+    """Per phase: (its first batch, int64 (batches it spans, sources) of its draws in each)."""
 
     @property
     def num_batches(self) -> int:
@@ -67,16 +72,29 @@ def make_schedule(plan, batch_size: int) -> Schedule:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size <= 0:
         raise ConfigError(f"global_batch_size: expected a positive integer, got {batch_size!r}")
     groups = [g for g, _ in plan.groups]
-    per_group = group_schedule([c for _, c in plan.groups], int(batch_size))
-    per_source = np.zeros((per_group.shape[0], len(plan.sources)), dtype=np.int64)
-    for gi, g in enumerate(groups):
-        members = [i for i, s in enumerate(plan.sources) if s.group == g]
-        per_source[:, members] = split_schedule([plan.sources[i].count for i in members], per_group[:, gi])
+    b = int(batch_size)
+    per_source = np.zeros((-(-plan.total // b), len(plan.sources)), dtype=np.int64)
+    start, segments = 0, []
+    for phase in plan.phase_plans():
+        end = start + phase.total
+        if end == start:
+            continue
+        first, last = start // b, -(-end // b)  # the batches this phase has a segment in
+        cuts = [start, *range((first + 1) * b, last * b, b), end]
+        per_group = segment_schedule([c for _, c in phase.groups], np.diff(cuts).tolist())
+        counts = dict(phase.counts)
+        mine = np.zeros((last - first, len(plan.sources)), dtype=np.int64)
+        for gi, g in enumerate(groups):
+            members = [i for i, s in enumerate(plan.sources) if s.group == g]
+            mine[:, members] = split_schedule([counts[plan.sources[i].name] for i in members], per_group[:, gi])
+        per_source[first:last] += mine
+        segments.append((first, mine))
+        start = end
     draws = np.zeros((per_source.shape[0] + 1, per_source.shape[1]), dtype=np.int64)
     np.cumsum(per_source, axis=0, out=draws[1:])
     starts = draws.sum(axis=1)
     group_of = np.array([groups.index(s.group) for s in plan.sources], dtype=np.int64)
-    return Schedule(batch_size=int(batch_size), starts=starts, draws=draws, group_of=group_of)
+    return Schedule(batch_size=b, starts=starts, draws=draws, group_of=group_of, segments=tuple(segments))
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -30,6 +30,21 @@ hash alone, and so its split, unless the spec opts in with the mapping.
 
 `dedup: exact | near` leaves repeated generation targets out of training: a caption pair whose
 image is a copy of an earlier one's (MetaCLIP and CC12M repeat URLs and pictures).
+
+Phases. A mixture that changes over training lists `phases:` in order instead of top-level
+`groups:`; each phase gives its own group amounts (counts, or weights + its `total`) and
+optionally its own splits, and ends when its amounts are drawn. A group left out of a phase (or
+given 0) takes no samples there. Sources continue their permutations across phases:
+
+    phases:
+      - name: stage1
+        total: 100k
+        groups: {understanding: {weight: 1}, generation: {weight: 3}}
+      - name: stage2
+        groups: {understanding: 500k, generation: {count: 200k, split: equal}}
+
+`unit: tokens` makes every amount (counts and totals) a number of tokens, text tokens with the
+spec's `tokenizer` plus visual tokens (images x m); the planner turns them into sample counts.
 """
 
 from __future__ import annotations
@@ -44,9 +59,10 @@ from typing import Any
 from vpit.errors import ConfigError
 from vpit.pipelines.sample import KINDS
 
-__all__ = ["REPETITION", "SPLITS", "GroupSpec", "MixtureSpec", "SourceSpec", "parse_count"]
+__all__ = ["REPETITION", "SPLITS", "UNITS", "GroupSpec", "MixtureSpec", "PhaseSpec", "SourceSpec", "parse_count"]
 
 SPLITS = ("proportional", "equal", "explicit")
+UNITS = ("samples", "tokens")
 REPETITION = ("error", "allow")
 HELDOUT_BY = ("image", "id")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -148,13 +164,51 @@ class GroupSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PhaseSpec:
+    """One phase of training: its group amounts; it ends when they are drawn."""
+
+    name: str
+    """Phase name (reports, dotted overrides `phases.NAME.groups...`)."""
+    groups: tuple[GroupSpec, ...]
+    """The groups this phase draws from, with their amounts (a group left out takes none)."""
+    total: int | None = None
+    """The phase's amount when its groups give weights."""
+
+    def __post_init__(self):
+        _check_name(self.name, f"phases.{self.name}")
+
+
+def _amount_problems(groups: tuple[GroupSpec, ...], total: int | None, where: str) -> list[str]:
+    """Counts everywhere, or weights everywhere plus a total."""
+    modes = {"count" if g.count is not None else "weight" for g in groups}
+    if len(modes) > 1:
+        return [
+            f"{where}groups: mix of count and weight; give every group a count, or every group a weight plus a total"
+        ]
+    if modes == {"weight"} and total is None:
+        return [
+            f"{where}total: groups give weights but the {'phase' if where else 'spec'} has no total; add e.g. total: 1M, or give "
+            "each group a count instead"
+        ]
+    if modes == {"count"} and total is not None:
+        return [f"{where}total: only allowed with weights; with counts the total is their sum, remove total"]
+    return []
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MixtureSpec:
     """A whole mixture. Cross-field problems are collected and raised together."""
 
     sources: tuple[SourceSpec, ...]
     """The named sources, in spec order."""
-    groups: tuple[GroupSpec, ...]
-    """The groups and their amounts, in spec order."""
+    groups: tuple[GroupSpec, ...] = ()
+    """The groups and their amounts, in spec order (a spec without phases)."""
+    phases: tuple[PhaseSpec, ...] = ()
+    """The phases in training order; a spec without phases has one, of its groups and total."""
+    unit: str = "samples"
+    """samples | tokens: what every count and total counts."""
+    tokenizer: str | None = None
+    """With unit tokens: the tokenizer that counts text tokens (a name or a local folder), the trainer's."""
     seed: int = 0
     """Seed of every permutation and shuffle; the stream is a pure function of plan and seed."""
     repetition: str = "error"
@@ -194,46 +248,53 @@ class MixtureSpec:
             problems.append(f"cache: expected a token-cache fingerprint string, got {self.cache!r}")
         if not self.sources:
             problems.append("sources: the spec names no source; add at least one under sources:")
-        if not self.groups:
-            problems.append("groups: the spec names no group; add e.g. groups: {understanding: 1M}")
+        if self.unit not in UNITS:
+            problems.append(f"unit: expected one of {', '.join(UNITS)}, got {self.unit!r}")
+        if self.unit == "tokens" and not self.tokenizer:
+            problems.append("tokenizer: unit tokens counts text tokens with a tokenizer; name the trainer's, e.g. qwen2.5")
+        if self.phases and (self.groups or self.total is not None):
+            problems.append("groups: a spec with phases gives its amounts in each phase; remove the top-level groups/total")
+        elif not self.phases:
+            if not self.groups:
+                problems.append("groups: the spec names no group; add e.g. groups: {understanding: 1M}")
+            object.__setattr__(self, "phases", (PhaseSpec(name="all", groups=self.groups, total=self.total),))
+        pnames = [p.name for p in self.phases]
+        for dup in sorted({n for n in pnames if pnames.count(n) > 1}):
+            problems.append(f"phases.{dup}: two phases have this name")
+        multi = len(self.phases) > 1 or not self.groups
+        for ph in self.phases:
+            where = f"phases.{ph.name}." if multi else ""
+            if not ph.groups:
+                problems.append(f"{where}groups: the phase draws from no group; give at least one a positive amount")
+            problems += _amount_problems(ph.groups, ph.total, where)
         names = [s.name for s in self.sources]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"sources.{dup}: defined twice")
-        groups = {g.name: g for g in self.groups}
+        groups = {g.name: g for ph in self.phases for g in ph.groups}
         for s in self.sources:
             if s.group not in groups:
                 problems.append(
                     f"sources.{s.name}.group: unknown group {s.group!r}; declare it under groups: "
                     f"(known: {', '.join(groups) or 'none'})"
                 )
-        for g in self.groups:
-            members = [s.name for s in self.sources if s.group == g.name]
-            if not members:
-                problems.append(
-                    f"groups.{g.name}: no source belongs to this group; add a source with "
-                    f"group: {g.name} or remove the group"
-                )
-            for src, _ in g.shares:
-                if src not in members:
+        for ph in self.phases:
+            where = f"phases.{ph.name}.groups" if multi else "groups"
+            for g in ph.groups:
+                members = [s.name for s in self.sources if s.group == g.name]
+                if not members:
                     problems.append(
-                        f"groups.{g.name}.split.{src}: unknown source {src!r} for this group "
-                        f"(its sources: {', '.join(members) or 'none'})"
+                        f"{where}.{g.name}: no source belongs to this group; add a source with "
+                        f"group: {g.name} or remove the group"
                     )
-            missing = [m for m in members if g.shares and m not in dict(g.shares)]
-            if missing:
-                problems.append(f"groups.{g.name}.split: explicit split lacks a share for {', '.join(missing)}")
-        modes = {"count" if g.count is not None else "weight" for g in self.groups}
-        if len(modes) > 1:
-            problems.append(
-                "groups: mix of count and weight; give every group a count, or every group a weight plus a total"
-            )
-        elif modes == {"weight"} and self.total is None:
-            problems.append(
-                "total: groups give weights but the spec has no total; add e.g. total: 1M, or give "
-                "each group a count instead"
-            )
-        elif modes == {"count"} and self.total is not None:
-            problems.append("total: only allowed with weights; with counts the total is their sum, remove total")
+                for src, _ in g.shares:
+                    if src not in members:
+                        problems.append(
+                            f"{where}.{g.name}.split.{src}: unknown source {src!r} for this group "
+                            f"(its sources: {', '.join(members) or 'none'})"
+                        )
+                missing = [m for m in members if g.shares and m not in dict(g.shares)]
+                if missing:
+                    problems.append(f"{where}.{g.name}.split: explicit split lacks a share for {', '.join(missing)}")
         if problems:
             raise ConfigError(f"invalid mixture spec {self.origin}:\n  - " + "\n  - ".join(problems))
 
@@ -248,13 +309,31 @@ class MixtureSpec:
             out["heldout"] = {"fraction": self.heldout, "by": self.heldout_by, "near": self.heldout_near}
         if self.dedup:
             out["dedup"] = self.dedup
+        if self.unit != "samples":
+            out["unit"], out["tokenizer"] = self.unit, self.tokenizer
         out["sources"] = {
             s.name: {"path": str(s.path), "group": s.group, **({"kind": s.kind} if s.kind else {})}
             for s in self.sources
         }
-        out["groups"] = {}
-        for g in self.groups:
-            entry: dict[str, Any] = {"count": g.count} if g.count is not None else {"weight": g.weight}
-            entry["split"] = dict(g.shares) if g.shares else g.split
-            out["groups"][g.name] = entry
+        if self.groups:
+            out["groups"] = _groups_dict(self.groups)
+        else:
+            out["phases"] = [
+                {"name": p.name, **({"total": p.total} if p.total is not None else {}), "groups": _groups_dict(p.groups)}
+                for p in self.phases
+            ]
         return out
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """Every group, in the order it first appears over the phases."""
+        return tuple(dict.fromkeys(g.name for p in self.phases for g in p.groups))
+
+
+def _groups_dict(groups: tuple[GroupSpec, ...]) -> dict[str, Any]:
+    out = {}
+    for g in groups:
+        entry: dict[str, Any] = {"count": g.count} if g.count is not None else {"weight": g.weight}
+        entry["split"] = dict(g.shares) if g.shares else g.split
+        out[g.name] = entry
+    return out

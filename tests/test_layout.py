@@ -19,7 +19,7 @@ ALLOWED = {
     "vpit": {"vpit"},
     "model": {"vpit", "model"},
     "pipelines": {"vpit", "pipelines", "model"},
-    "mixtures": {"vpit", "mixtures", "pipelines"},
+    "mixtures": {"vpit", "mixtures", "pipelines", "model"},  # model.tokenizer: amounts in tokens
     "train": {"vpit", "train", "mixtures", "model", "pipelines", "infra"},
     "decoder": {"vpit", "decoder", "train", "model", "pipelines", "infra"},
     "grid": {"vpit", "grid", "train", "mixtures"},

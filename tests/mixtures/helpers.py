@@ -6,6 +6,7 @@ for exact kinds per shard, e.g. a shard that mixes understanding and generation 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -133,3 +134,24 @@ def fake_plan(groups: dict[str, list[tuple[str, int, int]]], seed: int = 0, shar
         dim=None,
         hash=f"fake-{seed}",
     )
+
+
+def fake_phased_plan(sources: dict[str, list[tuple[str, int]]], phases: list[dict[str, int]], seed: int = 0):
+    """A Plan over imaginary sources {group: [(source, size), ...]} in phases, each {source: count}
+    (a source left out draws nothing in that phase)."""
+    from vpit.mixtures.plan import PhasePlan
+
+    groups = {g: [(n, size, sum(ph.get(n, 0) for ph in phases)) for n, size in members] for g, members in sources.items()}
+    groups = {g: m for g, m in groups.items() if sum(c for _, _, c in m)}  # a group no phase draws is no group
+    sources = {g: m for g, m in sources.items() if g in groups}
+    base = fake_plan(groups, seed=seed)
+    group_of = {n: g for g, members in sources.items() for n, _ in members}
+    plans = tuple(
+        PhasePlan(
+            f"p{i}",
+            tuple((g, sum(c for n, c in ph.items() if group_of[n] == g)) for g in sources),
+            tuple((s.name, ph.get(s.name, 0)) for s in base.sources),
+        )
+        for i, ph in enumerate(phases)
+    )
+    return dataclasses.replace(base, phases=plans)

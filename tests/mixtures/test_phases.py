@@ -1,0 +1,246 @@
+"""Mixtures in phases: property tests over random multi-phase plans (imaginary sources, exact
+numbers), then the same plans' streams on real shards across ranks, workers and resumes.
+
+Each random case draws 1-4 groups of 1-3 sources and 2-4 phases; a phase may leave groups out
+and its length is rarely a multiple of the batch, so most phases start and end inside a batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tests.mixtures.helpers import fake_phased_plan
+from vpit.mixtures.quota import segment_schedule
+from vpit.mixtures.sampler import batch_slots, make_schedule, source_items
+
+CASES = 120
+
+
+def random_phased(rng: np.random.Generator, repeat: bool):
+    sources = {
+        f"g{g}": [(f"g{g}s{s}", int(rng.integers(1, 200))) for s in range(int(rng.integers(1, 4)))]
+        for g in range(int(rng.integers(1, 5)))
+    }
+    names = {n: size for members in sources.values() for n, size in members}
+    phases, left = [], dict(names)
+    for _ in range(int(rng.integers(2, 5))):
+        ph = {}
+        for g, members in sources.items():
+            if rng.random() < 0.25:
+                continue  # this phase leaves group g out
+            for n, _ in members:
+                hi = 3 * names[n] if repeat else left[n] // 2
+                if hi > 0:
+                    ph[n] = int(rng.integers(0, hi + 1))
+                    left[n] -= min(left[n], ph[n])
+        if not sum(ph.values()):
+            n = next(iter(names))
+            ph[n] = 1
+            left[n] = max(0, left[n] - 1)
+        phases.append({n: c for n, c in ph.items() if c})
+    if not repeat:  # drop draws past what exists (the last phases may have been optimistic)
+        used = Counter()
+        for ph in phases:
+            for n in list(ph):
+                ph[n] = min(ph[n], names[n] - used[n])
+                used[n] += ph[n]
+                if not ph[n]:
+                    del ph[n]
+        phases = [ph for ph in phases if ph] or [{next(iter(names)): 1}]
+    return fake_phased_plan(sources, phases, seed=int(rng.integers(0, 2**31)))
+
+
+def phase_draws(plan, schedule):
+    """Per phase: [(batch, source, draw)], splitting straddling batches by the phase segments
+    (a source's earlier draws in a batch belong to the earlier phase)."""
+    per_batch_seen = {}
+    out = []
+    for first, seg in schedule.segments:
+        rows = []
+        for j, counts in enumerate(seg):
+            k = first + j
+            seen = per_batch_seen.setdefault(k, schedule.draws[k].copy())
+            for s, c in enumerate(counts):
+                rows += [(k, s, int(d)) for d in range(seen[s], seen[s] + c)]
+                seen[s] += c
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_random_phased_plans_keep_every_promise_per_phase(case):
+    rng = np.random.default_rng(7000 + case)
+    plan = random_phased(rng, repeat=case % 3 == 0)
+    batch = int(rng.integers(1, 48))
+    schedule = make_schedule(plan, batch)
+    phases = plan.phase_plans()
+    per_phase = phase_draws(plan, schedule)
+    names = [s.name for s in plan.sources]
+
+    # the batches hold every phase's draws and nothing else
+    seq = [(k, int(s), int(d)) for k in range(schedule.num_batches) for s, d in zip(*batch_slots(plan, schedule, k))]
+    assert sorted(seq) == sorted(r for rows in per_phase for r in rows)
+    assert len(seq) == plan.total
+
+    start = 0
+    for phase, rows, (first, seg) in zip(phases, per_phase, schedule.segments, strict=True):
+        # exact totals per phase and per source
+        got = Counter(names[s] for _, s, _ in rows)
+        assert {n: got[n] for n in names} == dict(phase.counts), phase.name
+        # per-batch bound within the phase, its boundary segments included
+        end = start + phase.total
+        cuts = [start, *range((start // batch + 1) * batch, -(-end // batch) * batch, batch), end]
+        sizes = np.diff(cuts)
+        assert (seg.sum(axis=1) == sizes).all()
+        for gi, (g, n_g) in enumerate(phase.groups):
+            members = [i for i, s in enumerate(plan.sources) if s.group == g]
+            counts = seg[:, members].sum(axis=1)
+            ideal = sizes * n_g / phase.total
+            assert (counts >= np.floor(ideal)).all() and (counts <= np.ceil(ideal)).all(), (phase.name, g)
+            assert (np.abs(np.cumsum(counts) - np.cumsum(sizes) * n_g / phase.total) < 1).all()
+        start = end
+
+    # a source's draws continue over the phases: 0..count-1, each once, phase after phase
+    for i, sp in enumerate(plan.sources):
+        order = [d for rows in per_phase for _, s, d in sorted(rows) if s == i]
+        assert sorted(order) == list(range(sp.count))
+        bounds = [max([d for _, s, d in rows if s == i], default=-1) for rows in per_phase]
+        lows = [min([d for _, s, d in rows if s == i], default=10**9) for rows in per_phase]
+        for p in range(1, len(per_phase)):
+            assert lows[p] > max(bounds[:p]), "a later phase drew before an earlier one"
+    # no duplicates without repetition; with it, floor or ceil of count / size each
+    for i, sp in enumerate(plan.sources):
+        draws = np.array([d for _, s, d in seq if s == i], dtype=np.int64)
+        items = Counter(source_items(plan.seed, sp.name, sp.available, draws).tolist())
+        assert set(items.values()) <= {sp.count // sp.available, -(-sp.count // sp.available)}
+
+
+@pytest.mark.parametrize("case", range(300))
+def test_segment_schedules_for_any_segment_sizes(case):
+    """The quota rule for segments of any sizes: in bound per segment and cumulatively (it checks
+    itself and raises), for random counts, including groups that are whole or absent."""
+    rng = np.random.default_rng(case)
+    n = rng.integers(0, int(rng.choice([5, 60, 2000])), size=int(rng.integers(1, 7)))
+    n[0] += 1
+    total, sizes = int(n.sum()), []
+    while sum(sizes) < total:
+        sizes.append(min(int(rng.integers(1, 90)), total - sum(sizes)))
+    out = segment_schedule(n.tolist(), sizes)
+    assert out.sum(axis=0).tolist() == n.tolist() and out.sum(axis=1).tolist() == sizes
+
+
+def test_a_phase_within_one_batch_and_a_batch_over_three_phases():
+    plan = fake_phased_plan(
+        {"u": [("a", 50)], "g": [("b", 50)]}, [{"a": 3, "b": 1}, {"b": 2}, {"a": 5, "b": 5}], seed=1
+    )
+    schedule = make_schedule(plan, 16)
+    assert schedule.num_batches == 1
+    assert [first for first, _ in schedule.segments] == [0, 0, 0]
+    assert [seg.tolist() for _, seg in schedule.segments] == [[[3, 1]], [[0, 2]], [[5, 5]]]
+
+
+# -- specs in phases, on real shards ---------------------------------------------------------
+
+PHASED = """
+seed: 3
+cache: {fp}
+sources:
+  vqa: {{path: mix, group: understanding, kind: understanding}}
+  chat: {{path: mix, group: understanding, kind: text}}
+  pairs: {{path: mix, group: generation, kind: generation}}
+  edits: {{path: mix, group: editing, kind: editing}}
+phases:
+  - name: warm
+    groups: {{understanding: 10, generation: 7, editing: 0}}
+  - name: main
+    total: 30
+    groups: {{understanding: {{weight: 2}}, generation: {{weight: 1}}, editing: {{weight: 1, split: equal}}}}
+  - groups: {{understanding: 9, editing: 3}}
+"""
+B = 8
+
+
+@pytest.fixture(scope="module")
+def phased(mix_data):
+    from vpit.mixtures import load_spec, make_plan
+
+    path = mix_data["root"] / "phased.yaml"
+    path.write_text(PHASED.format(fp=mix_data["fingerprint"]))
+    return path, make_plan(load_spec(path))
+
+
+def test_a_spec_in_phases_plans_exact_counts_per_phase(phased):
+    _, plan = phased
+    assert [p.name for p in plan.phases] == ["warm", "main", "phase3"]
+    assert [dict(p.groups) for p in plan.phases] == [
+        {"understanding": 10, "generation": 7, "editing": 0},
+        {"understanding": 15, "generation": 8, "editing": 7},
+        {"understanding": 9, "generation": 0, "editing": 3},
+    ]
+    assert dict(plan.groups) == {"understanding": 34, "generation": 15, "editing": 10}
+    assert plan.counts["edits"] == 10  # every editing sample once over two phases, none twice
+
+
+def _steps(plan, world_size, workers, state=None):
+    import torch
+
+    from vpit.mixtures import MixtureStream
+
+    per_rank = []
+    for rank in range(world_size):
+        stream = MixtureStream(plan, global_batch_size=B, rank=rank, world_size=world_size, with_tokens=False)
+        if state is not None:
+            stream.load_state_dict(state)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda b: b)
+        per_rank.append(list(loader))
+    return [[(it["index"], it["id"]) for r in per_rank for it in r[k]] for k in range(len(per_rank[0]))]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_phased_streams_are_the_same_for_any_ranks_and_workers_and_resume_anywhere(phased):
+    _, plan = phased
+    reference = _steps(plan, 1, 0)
+    ids = [i for step in reference for _, i in step]
+    assert len(ids) == plan.total == 59 and len(set(ids)) == 59  # no repetition asked, none made
+    for world_size, workers in ((2, 0), (4, 1), (1, 3), (2, 3)):
+        assert _steps(plan, world_size, workers) == reference, (world_size, workers)
+    # resume at a step inside each phase (ends at 17, 47, 59: batches 2, 5 and 7 straddle) onto
+    # another world size
+    for k, (world_size, workers) in zip((1, 3, 6, 2, 5), ((2, 1), (4, 0), (1, 3), (4, 3), (1, 0)), strict=True):
+        state = {"consumed": k * B, "plan_hash": plan.hash, "global_batch_size": B}
+        assert _steps(plan, world_size, workers, state) == reference[k:], k
+
+
+def test_phase_errors_name_the_phase_and_the_field(mix_data):
+    from vpit.mixtures import load_spec, make_plan
+
+    bad = mix_data["root"] / "bad_phases.yaml"
+    text = PHASED.format(fp="null").replace("    total: 30\n", "")
+    bad.write_text(text)
+    with pytest.raises(ValueError, match="phases.main.total: groups give weights but the phase has no total"):
+        load_spec(bad)
+    bad.write_text(text + "groups: {understanding: 3}\n")
+    with pytest.raises(ValueError, match="groups: a spec with phases gives its amounts in each phase"):
+        load_spec(bad)
+
+    over = mix_data["root"] / "over_phases.yaml"
+    over.write_text(PHASED.format(fp="null").replace("editing: 3}", "editing: 4}"))
+    with pytest.raises(ValueError, match=r"source edits \(group editing\) is drawn 11 times \(7 in main, 4 in phase3\)"):
+        make_plan(load_spec(over))
+
+
+def test_a_grid_can_override_one_phase_by_name_or_position(phased):
+    from vpit.mixtures import load_spec, make_plan
+
+    path, plan = phased
+    a = make_plan(load_spec(path, {"phases.main.groups.generation.weight": 2}))
+    b = make_plan(load_spec(path, {"phases.1.groups.generation": {"weight": 2}}))
+    assert [dict(p.groups) for p in a.phases] == [dict(p.groups) for p in b.phases]
+    assert dict(a.phases[1].groups)["generation"] == 12 and a.phases[0] == plan.phases[0]
+    c = make_plan(load_spec(path, {"phases.warm.groups.generation": 5}))
+    assert dict(c.phases[0].groups)["generation"] == 5 and c.hash != plan.hash
+    with pytest.raises(ValueError, match="no phase 'late'"):
+        load_spec(path, {"phases.late.total": 4})
