@@ -16,7 +16,15 @@ class MixPlanConfig:
     spec: str = path_field()
     """Mixture spec YAML."""
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Dotted overrides of the spec (--set groups.generation.count=200k)."""
+    """Dotted overrides of the spec (--set groups.generation.count=200k, --set phases.stage2.total=1M)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MixPlanOptions:
+    batch_size: int | None = None
+    """Global batch size: show each phase's steps and plot the group shares per step."""
+    png: str | None = path_field(None)
+    """With --batch-size: the share plot to write; default: the spec's name + .shares.png beside it."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,6 +51,19 @@ def _plan(cfg: MixPlanConfig):
     return make_plan(load_spec(cfg.spec, cfg.overrides or None))
 
 
+def _print_plan(cfg: MixPlanConfig, opts: MixPlanOptions) -> None:
+    plan = _plan(cfg)
+    print(plan.table(opts.batch_size))
+    if opts.batch_size:
+        from vpit.mixtures.inspect import plot_group_ratio
+
+        spec = Path(cfg.spec)
+        png = plot_group_ratio(
+            plan, opts.batch_size, Path(opts.png) if opts.png else spec.with_name(spec.stem + ".shares.png")
+        )
+        print(f"\nwrote {png} (each group's share per step against the plan)")
+
+
 def _inspect(cfg: MixPlanConfig, opts: MixInspectConfig) -> None:
     from vpit.mixtures.inspect import inspect_mixture
 
@@ -65,12 +86,13 @@ mix = Group(
     "see README 'Mixtures'). `--set KEY=VALUE` overrides a key of the spec.",
     commands={
         "plan": Command(
-            summary="validate a spec and print its plan table (writes nothing)",
+            summary="validate a spec and print its plan table (with --batch-size: steps and a share plot)",
             description="Validate SPEC, resolve its datasets and print per-source available/planned counts, "
-            "repetition, estimated text and visual tokens, group ratios and the plan hash. An infeasible spec "
-            "fails here with what to change.",
-            run=lambda cfg: print(_plan(cfg).table()),
-            configs=(MixPlanConfig,),
+            "repetition, estimated text and visual tokens, group ratios, the phases and the plan hash. An "
+            "infeasible spec fails here with what to change. With --batch-size it shows each phase's steps and "
+            "writes a PNG of every group's share per step against the plan.",
+            run=_print_plan,
+            configs=(MixPlanConfig, MixPlanOptions),
             positional=("spec",),
             set_into="overrides",
         ),

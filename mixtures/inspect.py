@@ -20,7 +20,7 @@ from vpit.mixtures.plan import Plan
 from vpit.mixtures.sampler import batch_slots, locate, make_schedule
 from vpit.mixtures.stream import MixtureStream
 
-__all__ = ["group_counts", "inspect_mixture", "lineage_ids", "plot_group_ratio"]
+__all__ = ["group_counts", "inspect_mixture", "lineage_ids", "planned_shares", "plot_group_ratio"]
 
 
 def group_counts(plan: Plan, batch_size: int) -> np.ndarray:
@@ -53,30 +53,53 @@ def lineage_ids(plan: Plan, batch_size: int, start: int = 0, stop: int | None = 
             r.close()
 
 
+def planned_shares(plan: Plan, batch_size: int) -> np.ndarray:
+    """(batches, groups): each group's planned share of every global batch; a batch that holds
+    segments of two phases mixes their shares by the segments' sizes."""
+    schedule = make_schedule(plan, batch_size)
+    sizes = np.diff(schedule.starts).astype(float)
+    out = np.zeros((schedule.num_batches, len(plan.groups)))
+    for (first, seg), phase in zip(schedule.segments, (p for p in plan.phase_plans() if p.total), strict=True):
+        share = np.array([n for _, n in phase.groups], dtype=float) / phase.total
+        out[first : first + len(seg)] += seg.sum(axis=1, keepdims=True) * share[None, :]
+    return out / sizes[:, None]
+
+
 def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0) -> Path:
-    """PNG of each group's cumulative share of samples per step, with the planned share dashed."""
+    """PNG of each group's share of every global batch (thin), its share so far in the phase
+    (solid) and the plan (dashed), with the phase boundaries marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     counts = group_counts(plan, batch_size)
-    cum = np.cumsum(counts, axis=0)
-    share = cum / cum.sum(axis=1, keepdims=True)
+    sizes = counts.sum(axis=1, keepdims=True)
+    planned = planned_shares(plan, batch_size)
     steps = np.arange(1, len(counts) + 1)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    running = np.zeros_like(planned)
+    for _, first, last in plan.phase_steps(batch_size):
+        c = np.cumsum(counts[first - 1 : last], axis=0)
+        running[first - 1 : last] = c / c.sum(axis=1, keepdims=True)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     for gi, (g, n_g) in enumerate(plan.groups):
-        (line,) = ax.plot(steps, share[:, gi], label=f"{g} ({n_g:,})")
-        ax.axhline(n_g / plan.total, color=line.get_color(), linestyle="--", linewidth=0.8)
+        (line,) = ax.plot(steps, running[:, gi], label=f"{g} ({n_g:,})", linewidth=1.6)
+        ax.plot(steps, counts[:, gi] / sizes[:, 0], color=line.get_color(), linewidth=0.5, alpha=0.45)
+        ax.plot(steps, planned[:, gi], color=line.get_color(), linestyle="--", linewidth=1.0)
+    phases = plan.phase_steps(batch_size)
+    for name, first, _ in phases:
+        if len(phases) > 1:
+            ax.axvline(first, color="0.5", linewidth=0.6)
+            ax.text(first, 0.98, f" {name}", va="top", fontsize=8, color="0.3")
     if inspected:
-        ax.axvspan(1, inspected, color="0.9", label=f"inspected ({inspected} steps)")
+        ax.axvspan(1, inspected, color="0.92", label=f"inspected ({inspected} steps)")
+    ax.plot([], [], color="0.3", linestyle="--", label="plan")
     ax.set(
         xlabel=f"step (global batch of {batch_size})",
-        ylabel="cumulative share of samples",
-        title=f"group ratio over the run, plan {plan.hash}",
+        ylabel="share of samples (solid: so far in the phase; thin: per batch)",
+        title=f"group shares over training, plan {plan.hash}",
         ylim=(0, 1),
     )
-    ax.set_xscale("log" if len(steps) > 50 else "linear")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,11 +143,16 @@ def inspect_mixture(
     seen = realised.sum()
     lines += ["", f"  first {steps} batches ({seen:,} samples): realised share vs planned"]
     sizes = planned[:steps].sum(axis=1)
-    for gi, (g, n_g) in enumerate(plan.groups):
-        lo, hi = np.floor(sizes * n_g / plan.total), np.ceil(sizes * n_g / plan.total)
-        ok = bool(((realised[:, gi] >= lo) & (realised[:, gi] <= hi)).all())
+    ideal = planned_shares(plan, batch_size)[:steps] * sizes[:, None]
+    slack = np.zeros(len(planned))  # each phase segment of a batch is within one sample of its ideal
+    for first, seg in make_schedule(plan, batch_size).segments:
+        slack[first : first + len(seg)] += 1
+    slack = slack[:steps]
+    for gi, (g, _) in enumerate(plan.groups):
+        ok = bool((np.abs(realised[:, gi] - ideal[:, gi]) < slack).all())
         lines.append(
-            f"    {g:<{width}} {realised[:, gi].sum() / max(1, seen):7.2%}  planned {n_g / plan.total:7.2%}  "
+            f"    {g:<{width}} {realised[:, gi].sum() / max(1, seen):7.2%}  planned "
+            f"{ideal[:, gi].sum() / max(1, sizes.sum()):7.2%}  "
             f"per batch {realised[:, gi].min()}..{realised[:, gi].max()} "
             f"({'within one sample of plan' if ok else 'OUTSIDE the per-batch bound'})"
         )

@@ -158,7 +158,8 @@ def _list_index(items: list, key: str, dotted: str) -> int:
     if key.isdigit() and int(key) < len(items):
         return int(key)
     raise ConfigError(
-        f"override {dotted!r}: no phase {key!r}; name one of {', '.join(map(str, names))} or a position 0-{len(items) - 1}"
+        f"override {dotted!r}: no phase {key!r}; name one of {', '.join(map(str, names))} "
+        f"or a position 0-{len(items) - 1}"
     )
 
 

@@ -113,6 +113,16 @@ class Plan:
             return self.phases
         return (PhasePlan("all", self.groups, tuple((s.name, s.count) for s in self.sources)),)
 
+    def phase_steps(self, batch_size: int) -> list[tuple[str, int, int]]:
+        """(phase, first step, last step) for global batches of `batch_size`, steps counted from 1;
+        a step that straddles a boundary is in both phases."""
+        out, start = [], 0
+        for phase in self.phase_plans():
+            end = start + phase.total
+            out.append((phase.name, start // batch_size + 1, -(-end // batch_size)))
+            start = end
+        return out
+
     @property
     def total(self) -> int:
         return sum(c for _, c in self.groups)
@@ -125,8 +135,9 @@ class Plan:
     def counts(self) -> dict[str, int]:
         return {s.name: s.count for s in self.sources}
 
-    def table(self) -> str:
-        """The plan as a human reads it (what `vpit mix plan` prints)."""
+    def table(self, batch_size: int | None = None) -> str:
+        """The plan as a human reads it (what `vpit mix plan` prints); with a global batch size,
+        each phase's steps."""
         cache = f"{self.spec.cache} (m={self.m}, d={self.dim})" if self.spec.cache else f"none (m={self.m} assumed)"
         lines = [
             f"mixture {self.spec.origin}",
@@ -171,6 +182,8 @@ class Plan:
             ("total", f"{self.total:,}", "100.0%", _human(text), _human(vis), f"{vis / max(1, text + vis):.1%}")
         )
         lines += text_table(head, rows, 1)
+        if len(self.phase_plans()) > 1 or self.spec.unit == "tokens":
+            lines += ["", *self._phase_table(batch_size)]
         repeated = [s for s in self.sources if s.count > s.available]
         if repeated:
             lines.append("")
@@ -199,6 +212,40 @@ class Plan:
             f"chars/token; visual = images x {self.m}"
         )
         return "\n".join(lines)
+
+    def _phase_table(self, batch_size: int | None) -> list[str]:
+        """Per phase: samples and share per group, steps; in token units the tokens asked for and
+        the share they come to at the measured tokens per sample."""
+        names = [g for g, _ in self.groups]
+        per = {s.name: s.tokens_per_sample for s in self.sources}
+        steps = dict((n, (a, b)) for n, a, b in self.phase_steps(batch_size)) if batch_size else {}
+        head = ("phase", "samples", *(("steps",) if steps else ()), *names)
+        rows = []
+        for p in self.phase_plans():
+            cells = [f"{n:,} ({n / p.total:.1%})" if n else "-" for _, n in p.groups]
+            rows.append(
+                (p.name, f"{p.total:,}", *((f"{steps[p.name][0]:,}-{steps[p.name][1]:,}",) if steps else ()), *cells)
+            )
+        title = "phases" + (
+            f" (steps of a global batch of {batch_size:,})" if batch_size else " (give --batch-size for steps)"
+        )
+        lines = [title + ":", *text_table(head, rows, 0)]
+        if self.spec.unit == "tokens":
+            lines += ["", "token shares per phase, asked for (unit: tokens) -> realised at the measured tokens/sample:"]
+            for p in self.phase_plans():
+                asked = dict(p.tokens)
+                got = {g: 0.0 for g in names}
+                for src, n in p.counts:
+                    got[next(s.group for s in self.sources if s.name == src)] += n * per[src]
+                ta, tg = sum(asked.values()), sum(got.values())
+                cells = ", ".join(f"{g} {asked[g] / ta:.1%} -> {got[g] / tg:.1%}" for g in names if asked[g] or got[g])
+                lines.append(f"  {p.name}: {_human(ta)} tokens asked, {_human(tg)} planned; {cells}")
+            lines.append(
+                "  tokens/sample: "
+                + ", ".join(f"{s.name} {s.tokens_per_sample:.1f}" for s in self.sources)
+                + f" (first {TOKEN_SAMPLES:,} draws, tokenizer {self.spec.tokenizer})"
+            )
+        return lines
 
 
 def _human(n: float) -> str:
@@ -349,7 +396,9 @@ def make_plan(spec: MixtureSpec) -> Plan:
             amounts = [g.count for g in ph.groups]
         tokens = dict(zip((g.name for g in ph.groups), amounts, strict=True)) if per_sample else {}
         if per_sample:  # token amounts -> sample counts, at each group's mean tokens per sample
-            amounts = [max(1, round(a / _group_mean(spec, g, catalogs, per_sample))) for g, a in zip(ph.groups, amounts)]
+            amounts = [
+                max(1, round(a / _group_mean(spec, g, catalogs, per_sample))) for g, a in zip(ph.groups, amounts)
+            ]
         split: dict[str, int] = {}
         for g, amount in zip(ph.groups, amounts, strict=True):
             split.update(_split(spec, g, amount, catalogs))

@@ -144,7 +144,9 @@ def segment_schedule(counts: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
                 new = forced | sum(1 << i for i in pick)
                 nxt.setdefault(new, mask)
         if not nxt:
-            raise RuntimeError(f"segment_schedule: no rounding for segment {k} (counts={n}, sizes={sizes}); this is a bug")
+            raise RuntimeError(
+                f"segment_schedule: no rounding for segment {k} (counts={n}, sizes={sizes}); this is a bug"
+            )
         layers.append(nxt)
         states, prev_r = nxt, r
     cum = np.zeros((len(sizes) + 1, len(n)), dtype=np.int64)

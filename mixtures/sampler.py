@@ -63,6 +63,17 @@ class Schedule:
     def num_batches(self) -> int:
         return len(self.starts) - 1
 
+    def slot_phases(self, k: int, src: np.ndarray, draw: np.ndarray) -> np.ndarray:
+        """The phase (index into the plan's phases with samples) of each slot of batch k: within
+        a batch a source's earlier draws belong to the earlier phase."""
+        parts = [(p, seg[k - first]) for p, (first, seg) in enumerate(self.segments) if first <= k < first + len(seg)]
+        if len(parts) <= 1:
+            return np.full(len(src), parts[0][0] if parts else 0, dtype=np.int64)
+        cum = np.cumsum([counts for _, counts in parts], axis=0)  # (parts, sources)
+        offset = draw - self.draws[k][src]
+        which = (offset[None, :] >= cum[:, src]).sum(axis=0)
+        return np.array([p for p, _ in parts], dtype=np.int64)[which]
+
     def batch_of(self, index: int) -> int:
         return int(np.searchsorted(self.starts, index, side="right") - 1)
 

@@ -187,7 +187,8 @@ def _amount_problems(groups: tuple[GroupSpec, ...], total: int | None, where: st
         ]
     if modes == {"weight"} and total is None:
         return [
-            f"{where}total: groups give weights but the {'phase' if where else 'spec'} has no total; add e.g. total: 1M, or give "
+            f"{where}total: groups give weights but the {'phase' if where else 'spec'} has no total; "
+            "add e.g. total: 1M, or give "
             "each group a count instead"
         ]
     if modes == {"count"} and total is not None:
@@ -251,9 +252,13 @@ class MixtureSpec:
         if self.unit not in UNITS:
             problems.append(f"unit: expected one of {', '.join(UNITS)}, got {self.unit!r}")
         if self.unit == "tokens" and not self.tokenizer:
-            problems.append("tokenizer: unit tokens counts text tokens with a tokenizer; name the trainer's, e.g. qwen2.5")
+            problems.append(
+                "tokenizer: unit tokens counts text tokens with a tokenizer; name the trainer's, e.g. qwen2.5"
+            )
         if self.phases and (self.groups or self.total is not None):
-            problems.append("groups: a spec with phases gives its amounts in each phase; remove the top-level groups/total")
+            problems.append(
+                "groups: a spec with phases gives its amounts in each phase; remove the top-level groups/total"
+            )
         elif not self.phases:
             if not self.groups:
                 problems.append("groups: the spec names no group; add e.g. groups: {understanding: 1M}")
@@ -319,7 +324,11 @@ class MixtureSpec:
             out["groups"] = _groups_dict(self.groups)
         else:
             out["phases"] = [
-                {"name": p.name, **({"total": p.total} if p.total is not None else {}), "groups": _groups_dict(p.groups)}
+                {
+                    "name": p.name,
+                    **({"total": p.total} if p.total is not None else {}),
+                    "groups": _groups_dict(p.groups),
+                }
                 for p in self.phases
             ]
         return out

@@ -136,5 +136,7 @@ class StreamItem(TypedDict):
     record: Record
     tokens: NotRequired[np.ndarray]
     """(n_images, m, d) float32 visual tokens from the token cache."""
+    phase: NotRequired[str]
+    """The mixture phase this sample is drawn for (a batch at a phase boundary holds two)."""
     micro: NotRequired[int]
     """The micro step of the optimizer step this item trains in (when a step has several)."""

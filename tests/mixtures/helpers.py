@@ -141,7 +141,9 @@ def fake_phased_plan(sources: dict[str, list[tuple[str, int]]], phases: list[dic
     (a source left out draws nothing in that phase)."""
     from vpit.mixtures.plan import PhasePlan
 
-    groups = {g: [(n, size, sum(ph.get(n, 0) for ph in phases)) for n, size in members] for g, members in sources.items()}
+    groups = {
+        g: [(n, size, sum(ph.get(n, 0) for ph in phases)) for n, size in members] for g, members in sources.items()
+    }
     groups = {g: m for g, m in groups.items() if sum(c for _, _, c in m)}  # a group no phase draws is no group
     sources = {g: m for g, m in sources.items() if g in groups}
     base = fake_plan(groups, seed=seed)

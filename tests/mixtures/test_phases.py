@@ -28,9 +28,9 @@ def random_phased(rng: np.random.Generator, repeat: bool):
     phases, left = [], dict(names)
     for _ in range(int(rng.integers(2, 5))):
         ph = {}
-        for g, members in sources.items():
+        for members in sources.values():
             if rng.random() < 0.25:
-                continue  # this phase leaves group g out
+                continue  # this phase leaves the group out
             for n, _ in members:
                 hi = 3 * names[n] if repeat else left[n] // 2
                 if hi > 0:
@@ -84,6 +84,15 @@ def test_random_phased_plans_keep_every_promise_per_phase(case):
     seq = [(k, int(s), int(d)) for k in range(schedule.num_batches) for s, d in zip(*batch_slots(plan, schedule, k))]
     assert sorted(seq) == sorted(r for rows in per_phase for r in rows)
     assert len(seq) == plan.total
+    # and each slot knows its phase (what the stream tags items with)
+    tagged = Counter()
+    for k in range(schedule.num_batches):
+        src, draw = batch_slots(plan, schedule, k)
+        tagged.update(zip(schedule.slot_phases(k, src, draw).tolist(), (names[s] for s in src.tolist())))
+    live = [p for p in phases if p.total]
+    assert {(i, n): c for (i, n), c in tagged.items()} == {
+        (i, n): c for i, p in enumerate(live) for n, c in p.counts if c
+    }
 
     start = 0
     for phase, rows, (first, seg) in zip(phases, per_phase, schedule.segments, strict=True):
@@ -94,8 +103,8 @@ def test_random_phased_plans_keep_every_promise_per_phase(case):
         end = start + phase.total
         cuts = [start, *range((start // batch + 1) * batch, -(-end // batch) * batch, batch), end]
         sizes = np.diff(cuts)
-        assert (seg.sum(axis=1) == sizes).all()
-        for gi, (g, n_g) in enumerate(phase.groups):
+        assert first == start // batch and (seg.sum(axis=1) == sizes).all()
+        for g, n_g in phase.groups:
             members = [i for i, s in enumerate(plan.sources) if s.group == g]
             counts = seg[:, members].sum(axis=1)
             ideal = sizes * n_g / phase.total
@@ -185,6 +194,10 @@ def test_a_spec_in_phases_plans_exact_counts_per_phase(phased):
 
 
 def _steps(plan, world_size, workers, state=None):
+    return [[(it["index"], it["id"]) for it in step] for step in _items(plan, world_size, workers, state)]
+
+
+def _items(plan, world_size, workers, state=None):
     import torch
 
     from vpit.mixtures import MixtureStream
@@ -196,7 +209,7 @@ def _steps(plan, world_size, workers, state=None):
             stream.load_state_dict(state)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda b: b)
         per_rank.append(list(loader))
-    return [[(it["index"], it["id"]) for r in per_rank for it in r[k]] for k in range(len(per_rank[0]))]
+    return [[it for r in per_rank for it in r[k]] for k in range(len(per_rank[0]))]
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -207,6 +220,11 @@ def test_phased_streams_are_the_same_for_any_ranks_and_workers_and_resume_anywhe
     assert len(ids) == plan.total == 59 and len(set(ids)) == 59  # no repetition asked, none made
     for world_size, workers in ((2, 0), (4, 1), (1, 3), (2, 3)):
         assert _steps(plan, world_size, workers) == reference, (world_size, workers)
+    # every item names its phase; per phase, the groups come to the planned counts exactly
+    items = [it for step in _items(plan, 2, 1) for it in step]
+    for phase in plan.phases:
+        got = Counter(it["group"] for it in items if it["phase"] == phase.name)
+        assert {g: got[g] for g, _ in phase.groups} == dict(phase.groups), phase.name
     # resume at a step inside each phase (ends at 17, 47, 59: batches 2, 5 and 7 straddle) onto
     # another world size
     for k, (world_size, workers) in zip((1, 3, 6, 2, 5), ((2, 1), (4, 0), (1, 3), (4, 3), (1, 0)), strict=True):
@@ -228,7 +246,9 @@ def test_phase_errors_name_the_phase_and_the_field(mix_data):
 
     over = mix_data["root"] / "over_phases.yaml"
     over.write_text(PHASED.format(fp="null").replace("editing: 3}", "editing: 4}"))
-    with pytest.raises(ValueError, match=r"source edits \(group editing\) is drawn 11 times \(7 in main, 4 in phase3\)"):
+    with pytest.raises(
+        ValueError, match=r"source edits \(group editing\) is drawn 11 times \(7 in main, 4 in phase3\)"
+    ):
         make_plan(load_spec(over))
 
 
