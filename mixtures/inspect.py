@@ -77,11 +77,15 @@ def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0
     sizes = counts.sum(axis=1, keepdims=True)
     planned = planned_shares(plan, batch_size)
     steps = np.arange(1, len(counts) + 1)
-    running = np.zeros_like(planned)
-    for _, first, last in plan.phase_steps(batch_size):
-        c = np.cumsum(counts[first - 1 : last], axis=0)
-        running[first - 1 : last] = c / c.sum(axis=1, keepdims=True)
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    schedule = make_schedule(plan, batch_size)
+    running = np.zeros_like(planned)  # each phase's own segments only
+    for first, seg in schedule.segments:
+        per_group = np.zeros((len(seg), len(plan.groups)))
+        for s, g in enumerate(schedule.group_of):
+            per_group[:, g] += seg[:, s]
+        c = np.cumsum(per_group, axis=0)
+        running[first : first + len(seg)] = c / c.sum(axis=1, keepdims=True)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
     for gi, (g, n_g) in enumerate(plan.groups):
         (line,) = ax.plot(steps, running[:, gi], label=f"{g} ({n_g:,})", linewidth=1.6)
         ax.plot(steps, counts[:, gi] / sizes[:, 0], color=line.get_color(), linewidth=0.5, alpha=0.45)
@@ -100,7 +104,7 @@ def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0
         title=f"group shares over training, plan {plan.hash}",
         ylim=(0, 1),
     )
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

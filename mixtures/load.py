@@ -57,9 +57,8 @@ def _expand_groups(groups: Any) -> Any:
 def _normalise(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Expand group shorthands (`understanding: 7M`), name phases, make paths absolute."""
     data = dict(data)
-    data["groups"] = _expand_groups(data.get("groups"))
-    if data["groups"] is None:
-        del data["groups"]
+    if isinstance(data.get("groups"), dict):
+        data["groups"] = _expand_groups(data["groups"])
     if isinstance(data.get("phases"), list):
         data["phases"] = [
             dict(ph, name=ph.get("name", f"phase{i + 1}"), groups=_expand_groups(ph.get("groups")))

@@ -279,8 +279,9 @@ class MixtureSpec:
         for s in self.sources:
             if s.group not in groups:
                 problems.append(
-                    f"sources.{s.name}.group: unknown group {s.group!r}; declare it under groups: "
-                    f"(known: {', '.join(groups) or 'none'})"
+                    f"sources.{s.name}.group: unknown group {s.group!r}; "
+                    + ("give it an amount in a phase, or remove the source" if multi else "declare it under groups:")
+                    + f" (known: {', '.join(groups) or 'none'})"
                 )
         for ph in self.phases:
             where = f"phases.{ph.name}.groups" if multi else "groups"

@@ -393,6 +393,8 @@ class Trainer:
             logs = [f"samples-rank{self.dist.rank}.jsonl", f"skipped-rank{self.dist.rank}.jsonl"]
             for name in logs + (["metrics.jsonl"] if self.dist.rank == 0 else []):
                 _cut_log(self.run_dir / name, self.step)
+            for path in self._logs_of_gone_ranks():  # saved at a larger world size: rank 0 cuts theirs
+                _cut_log(path, self.step)
             if self.dist.rank == 0:
                 how = (
                     f" (saved at world size {state.world_size}, re-cut for {self.dist.world_size})"
@@ -409,9 +411,21 @@ class Trainer:
             (self.run_dir / f"samples-rank{self.dist.rank}.jsonl").unlink(missing_ok=True)
             if self.dist.rank == 0:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                for path in self._logs_of_gone_ranks():
+                    path.unlink()
         if self.dist.rank == 0:
             self._write_run_files()
         barrier()
+
+    def _logs_of_gone_ranks(self) -> list[Path]:
+        """Rank 0's list of per-rank logs of ranks this world does not have."""
+        if self.dist.rank != 0:
+            return []
+        return [
+            p
+            for p in self.run_dir.glob("*-rank*.jsonl")
+            if p.stem.rsplit("-rank", 1)[1].isdigit() and int(p.stem.rsplit("-rank", 1)[1]) >= self.dist.world_size
+        ]
 
     def _write_run_files(self) -> None:
         """What `vpit export` needs besides the checkpoint: config, tokenizer, LLM config."""

@@ -139,8 +139,14 @@ def test_sigterm_checkpoints_and_a_resume_at_world_size_1_continues_the_same_sam
     assert bad.returncode == 2
     assert "global batch of 12" in bad.stderr and "grad_accum" in bad.stderr, bad.stderr[-800:]
 
+    # a rank killed after the checkpoint leaves lines of steps it trained again; rank 1 does not
+    # exist at world size 1, so the resumed run must cut its log too (the rehearsal found
+    # the ids of steps 3-4 logged twice after a 2 -> 1 resume)
+    with open(cut_dir / "samples-rank1.jsonl", "a") as f:
+        f.write(json.dumps({"step": stopped_at + 1, "ids": ["stale:0"]}) + "\n")
     res = run_vpit(["train", str(cfg), "--resume", "--set", "grad_accum=4"])
     assert res.returncode == 0, res.stderr[-3000:]
+    assert max(_ids(cut_dir, 1)) == stopped_at
     assert f"resumed from step-{stopped_at:08d} (saved at world size 2, re-cut for 1)" in res.stdout, res.stdout[-800:]
     assert (ckpts[0][1] / "universal" / "done").is_file()
     resumed = read_metrics(cut_dir)
