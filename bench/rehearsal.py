@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -36,7 +37,7 @@ STEPS = 4
 GLOBAL_BATCH = 2  # micro batch 1 x world 2 x grad_accum 1, or x world 1 x grad_accum 2
 
 
-def _child(config: str, sets: list[str], resume: bool, report: str) -> None:
+def _child(config: str, sets: list[str], resume: bool, report: str, preempt_after: int | None) -> None:
     """One rank of a run: build the Trainer, note the peak RSS, train while sampling RSS."""
     import psutil
 
@@ -56,6 +57,16 @@ def _child(config: str, sets: list[str], resume: bool, report: str) -> None:
 
     trainer_module.initialize = noting_the_model_peak
     trainer = Trainer(cfg, resume=resume)
+    if preempt_after:  # stop as SLURM would: SIGUSR1, a checkpoint at the step boundary, exit 0
+        step_once = trainer.train_step
+
+        def step_then_preempt(micro):
+            row = step_once(micro)
+            if trainer.step == preempt_after:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return row
+
+        trainer.train_step = step_then_preempt
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     me, peak, stop = psutil.Process(), [0], threading.Event()
     base = me.memory_info().rss
@@ -144,27 +155,31 @@ loggers: []
     return path
 
 
-def _run(cfg: Path, out: Path, nproc: int, *sets: str, resume: bool = False) -> dict:
+def _run(cfg: Path, out: Path, nproc: int, *sets: str, resume: bool = False, preempt_after: int = 0) -> dict:
     """`vpit train` (this file's child mode) under torchrun; the per-rank reports."""
     from vpit.common import TORCHRUN_SIGNALS, subprocess_env
 
     report = out.parent / f"{out.name}-report"
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        *TORCHRUN_SIGNALS,
-        __file__,
-        "--child",
-        str(cfg),
-        "--report",
-        str(report),
-        "--set",
-        f"output_dir={json.dumps(str(out))}",
-        *[x for s in sets for x in ("--set", s)],
-    ] + (["--resume"] if resume else [])
+    argv = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *TORCHRUN_SIGNALS,
+            __file__,
+            "--child",
+            str(cfg),
+            "--report",
+            str(report),
+            "--set",
+            f"output_dir={json.dumps(str(out))}",
+            *[x for s in sets for x in ("--set", s)],
+        ]
+        + (["--resume"] if resume else [])
+        + (["--preempt-after", str(preempt_after)] if preempt_after else [])
+    )
     t0 = time.perf_counter()
     res = subprocess.run(argv, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
     if res.returncode != 0:
@@ -227,9 +242,10 @@ def main() -> None:
     ap.add_argument("--report", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--preempt-after", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return _child(args.child, args.set, args.resume, args.report)
+        return _child(args.child, args.set, args.resume, args.report, args.preempt_after)
 
     t0 = time.perf_counter()
     work = Path(args.work).resolve()
@@ -248,10 +264,10 @@ def main() -> None:
     no_ckpt = _run(cfg, work / "run-w2-no-ckpt", 2, "max_steps=1", "save_every=1000")
     for run in ("run-w2-no-zero-init", "run-w2-no-ckpt"):
         _drop_checkpoints(work / run)
-    # 2 -> 1: world 1 resumes world 2's step 2 and trains step 3 (saved as its last);
-    # 1 -> 2: world 2 resumes that step-3 checkpoint and trains step 4
+    # 2 -> 1: world 1 resumes world 2's step 2, trains step 3 and is pre-empted (SIGUSR1: a
+    # checkpoint, exit 0); 1 -> 2: world 2 resumes that step-3 checkpoint and trains step 4
     _cut_at(work / "run-w2", work / "run-2to1", 2)
-    r21 = _run(cfg, work / "run-2to1", 1, "grad_accum=2", "gradient_checkpointing=true", "max_steps=3", resume=True)
+    r21 = _run(cfg, work / "run-2to1", 1, "grad_accum=2", "gradient_checkpointing=true", resume=True, preempt_after=3)
     _cut_at(work / "run-2to1", work / "run-1to2", 3)
     r12 = _run(cfg, work / "run-1to2", 2, "gradient_checkpointing=true", resume=True)
     for run in ("run-w2", "run-2to1", "run-1to2"):
