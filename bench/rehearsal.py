@@ -3,11 +3,12 @@ over 0.5B parameters saved as a local Hugging Face folder (random weights) and l
 `vpit train` as users load theirs, with so400m-shaped visual tokens (d = 1152).
 
 In one run it measures:
-  - per-rank peak RSS while the model is built (up to the DeepSpeed engine), with and without
+  - per-rank peak anonymous RSS while the model is built (up to the DeepSpeed engine), with and without
     zero.Init: what zero.Init changes. The engine's own buffers (fp32 partitions, Adam states)
     are the same either way and live on the GPU in a real run; on CPU they sit in the same RSS,
     so the peak through the engine build is reported beside it;
-  - the peak memory a training step adds, with and without gradient checkpointing;
+  - the peak memory a training step adds (from the second step: the first also allocates the
+    Adam states), with and without gradient checkpointing;
   - steps/s;
   - a resume from 2 ranks to 1 and from 1 to 2 (through a universal checkpoint), each against
     the uninterrupted run: the same sample ids per step and the loss within 1e-5 (fp32). The
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -37,10 +37,42 @@ STEPS = 4
 GLOBAL_BATCH = 2  # micro batch 1 x world 2 x grad_accum 1, or x world 1 x grad_accum 2
 
 
-def _child(config: str, sets: list[str], resume: bool, report: str, preempt_after: int | None) -> None:
-    """One rank of a run: build the Trainer, note the peak RSS, train while sampling RSS."""
-    import psutil
+def _anon_rss() -> int:
+    """Anonymous resident memory of this process (bytes). Not RSS: the LLM's safetensors are
+    memory-mapped, and their file pages are page cache (shared by the ranks of a node, dropped
+    under pressure), not memory the process holds."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
+
+class _Peak:
+    """A thread that samples anonymous RSS every 5 ms; `take()` returns the peak since the last take."""
+
+    def __init__(self):
+        self.peak, self._stop = _anon_rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _anon_rss())
+            time.sleep(0.005)
+
+    def take(self) -> int:
+        peak, self.peak = max(self.peak, _anon_rss()), _anon_rss()
+        return peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _child(config: str, sets: list[str], resume: bool, report: str, preempt_after: int | None) -> None:
+    """One rank of a run: build the Trainer and train, noting the peak anonymous RSS of building
+    the model (up to the DeepSpeed engine), of the engine build, and of every step."""
     import vpit.train.trainer as trainer_module
     from vpit.common import quiet
     from vpit.train.config import load_train_config
@@ -49,48 +81,40 @@ def _child(config: str, sets: list[str], resume: bool, report: str, preempt_afte
     quiet()
     overrides = dict(s.split("=", 1) for s in sets)
     cfg = load_train_config(config, {k: json.loads(v) for k, v in overrides.items()})
-    model_peak, initialize = [0], trainer_module.initialize
+    sampler, model_peak, initialize = _Peak(), [0], trainer_module.initialize
 
     def noting_the_model_peak(*args, **kwargs):  # the model is built; the engine is next
-        model_peak[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model_peak[0] = sampler.take()
         return initialize(*args, **kwargs)
 
     trainer_module.initialize = noting_the_model_peak
     trainer = Trainer(cfg, resume=resume)
-    if preempt_after:  # stop as SLURM would: SIGUSR1, a checkpoint at the step boundary, exit 0
-        step_once = trainer.train_step
+    build_peak = max(model_peak[0], sampler.take())
+    step_once, step_deltas = trainer.train_step, []
 
-        def step_then_preempt(micro):
-            row = step_once(micro)
-            if trainer.step == preempt_after:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return row
+    def measured_step(micro):
+        before = _anon_rss()
+        sampler.take()
+        row = step_once(micro)
+        step_deltas.append(sampler.take() - before)
+        if trainer.step == preempt_after:  # stop as SLURM would: SIGUSR1, a checkpoint, exit 0
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return row
 
-        trainer.train_step = step_then_preempt
-    build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    me, peak, stop = psutil.Process(), [0], threading.Event()
-    base = me.memory_info().rss
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    trainer.train_step = measured_step
     t0 = time.perf_counter()
     start_step = trainer.step
     trainer.train()
     seconds = time.perf_counter() - t0
-    stop.set()
-    thread.join()
+    sampler.stop()
     rank = trainer.dist.rank
     Path(f"{report}.rank{rank}.json").write_text(
         json.dumps(
             {
                 "model_peak_rss": model_peak[0],
                 "build_peak_rss": build_peak,
-                "step_peak_delta": peak[0] - base,
+                # the first step also allocates the Adam states: steady state is from the second on
+                "step_peak_delta": max(step_deltas[1:] or step_deltas),
                 "steps": trainer.step - start_step,
                 "seconds": seconds,
                 "params": trainer.n_params,
@@ -188,7 +212,7 @@ def _run(cfg: Path, out: Path, nproc: int, *sets: str, resume: bool = False, pre
     wall = time.perf_counter() - t0
     model, peak = (max(r[k] for r in ranks) / 2**30 for k in ("model_peak_rss", "build_peak_rss"))
     print(
-        f"{out.name} (world {nproc}): {wall:.0f}s, peak RSS per rank {model:.1f} GB building the model, "
+        f"{out.name} (world {nproc}): {wall:.0f}s, peak anonymous RSS per rank {model:.1f} GB building the model, "
         f"{peak:.1f} GB with the engine",
         flush=True,
     )
@@ -261,7 +285,7 @@ def main() -> None:
     ref2 = _run(cfg, work / "run-w2", 2, "gradient_checkpointing=true")
     _drop_checkpoints(work / "run-w2", keep=2)
     plain = _run(cfg, work / "run-w2-no-zero-init", 2, "zero_init=false", "max_steps=1", "save_every=1000")
-    no_ckpt = _run(cfg, work / "run-w2-no-ckpt", 2, "max_steps=1", "save_every=1000")
+    no_ckpt = _run(cfg, work / "run-w2-no-ckpt", 2, "max_steps=2", "save_every=1000")
     for run in ("run-w2-no-zero-init", "run-w2-no-ckpt"):
         _drop_checkpoints(work / run)
     # 2 -> 1: world 1 resumes world 2's step 2, trains step 3 and is pre-empted (SIGUSR1: a
@@ -300,7 +324,7 @@ def main() -> None:
     }
     print(f"\nLlama {figures['params'] / 1e9:.2f}B params, visual tokens 64 x 1152, world size 2 (gloo, fp32)")
     print(
-        f"peak RSS per rank building the model: {figures['rss_build_zero_init_gb']:.2f} GB with zero.Init vs "
+        f"peak anonymous RSS per rank building the model: {figures['rss_build_zero_init_gb']:.2f} GB with zero.Init vs "
         f"{figures['rss_build_plain_gb']:.2f} GB without: ratio {figures['rss_ratio_zero_init']:.2f} (goal <= 0.65); "
         f"through the engine build (+ fp32 partitions and Adam states, on the GPU in a real run): "
         f"{figures['rss_with_engine_zero_init_gb']:.2f} vs {figures['rss_with_engine_plain_gb']:.2f} GB"

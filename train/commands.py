@@ -15,7 +15,12 @@ __all__ = ["evaluate", "export", "generate", "train"]
 def _train(cfg: TrainConfig, job: TrainJob) -> None:
     from vpit.train.trainer import Trainer
 
-    summary = Trainer(cfg, resume=job.resume).train()
+    if cfg.stage2_from_phase:
+        from vpit.train.stages import train_in_stages
+
+        summary = train_in_stages(cfg, job.resume)
+    else:
+        summary = Trainer(cfg, resume=job.resume).train()
     if int(os.environ.get("RANK", "0")) == 0:
         first, last = summary["first"] or {}, summary["last"] or {}
         print(

@@ -83,6 +83,9 @@ class TrainConfig:
     """Gradient-norm clipping (0: off)."""
     stage: Literal[1, 2] = 2
     """1: freeze the LLM and train the projector on the text loss (MetaMorph's stage 1); 2: train everything."""
+    stage2_from_phase: str | None = None
+    """With stage 1: train stage 1 until the mixture's phase of this name begins, export it, and go on as
+    stage 2 from that export in the same run (output_dir/stage1 holds stage 1): one spec, one run."""
     stage1_vision_head: bool = False
     """Stage 1 also trains the vision head on the vision loss (vpit's earlier stage 1; MetaMorph's does not)."""
     zero_init: bool = True
@@ -146,6 +149,11 @@ class TrainConfig:
             problems.append(f"min_lr_ratio: expected 0..1, got {self.min_lr_ratio}")
         if self.stage not in (1, 2):
             problems.append(f"stage: expected 1 (frozen LLM) or 2 (all), got {self.stage!r}")
+        if self.stage2_from_phase and (self.stage != 1 or self.data.mixture is None or self.model.init_from):
+            problems.append(
+                "stage2_from_phase: switches from stage 1 to stage 2 at a phase of data.mixture; it needs "
+                "stage: 1 and a mixture, and sets model.init_from itself"
+            )
         if problems:
             raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
 

@@ -77,9 +77,11 @@ class Trainer:
         cfg: the training config.
         source: a batch source; default: the one `cfg.data` names.
         resume: continue cfg.output_dir from its latest complete checkpoint (at any world size).
+        start_step: a fresh run starts at this data position (stage 2 after stage 1, train.stages),
+            with its own learning-rate schedule over the steps from there to max_steps.
     """
 
-    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False, start_step: int = 0):
         self.cfg = cfg
         self.dist = init_distributed()
         self.run_dir = Path(cfg.output_dir)
@@ -121,7 +123,7 @@ class Trainer:
             self.lr,
             cfg.betas,
             cfg.weight_decay,
-            lambda s: lr_schedule(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio),
+            lambda s: lr_schedule(s, cfg.warmup_steps, cfg.max_steps - start_step, cfg.min_lr_ratio),
         )
         mc = model.config
         self.collate = Collator(
@@ -132,7 +134,7 @@ class Trainer:
             cfg.data.max_len,
             cfg.data.overflow,
         )
-        self.step = 0
+        self.step = start_step
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self.peak = peak_flops(cfg.peak_tflops, self.dist.device)
         self.log = RunLog(self.run_dir, self.dist.rank, cfg.loggers, to_plain(cfg))

@@ -189,3 +189,22 @@ def test_grid_plan_prints_every_cell_id_and_value_whole(tmp_path, train_mixture,
     rows = [line.split() for line in lines[2:]]
     assert [r[0] for r in rows] == [c.id for c in expand(spec)]
     assert [(int(r[1]), int(r[2]), int(r[3])) for r in rows] == [(u, g, u + g) for u in (40, 120) for g in (24, 100)]
+
+
+def test_a_grid_sweeps_one_phase_of_a_mixture(tmp_path, train_mixture, bpe_tokenizer):
+    """An axis may address one phase by name: only that phase's amount changes from cell to cell."""
+    from vpit.grid.commands import plan_grid
+    from vpit.mixtures import load_spec, make_plan
+
+    axes = {"phases.joint.groups.generation.count": [20, 60]}
+    spec = load_grid(_write_grid(tmp_path, train_mixture, bpe_tokenizer, axes=axes))
+    (tmp_path / "base.yaml").write_text(
+        f"include: {train_mixture['spec']}\ngroups: null\nphases:\n"
+        "  - {name: align, groups: {understanding: 30}}\n"
+        "  - {name: joint, groups: {understanding: 50, generation: 40}}\n"
+    )
+    rows = [line.split() for line in plan_grid(spec).splitlines()[2:]]
+    assert [(int(r[1]), int(r[2])) for r in rows] == [(20, 100), (60, 140)]
+    plans = [make_plan(load_spec(spec.base, cell.overrides)) for cell in expand(spec)]
+    assert [dict(p.phases[1].groups)["generation"] for p in plans] == [20, 60]
+    assert plans[0].phases[0] == plans[1].phases[0]
