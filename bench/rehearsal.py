@@ -124,10 +124,12 @@ def _child(config: str, sets: list[str], resume: bool, report: str, preempt_afte
 
 
 def _llm_folder(work: Path) -> Path:
-    """A ~0.54B Llama (380M in the decoder, 155M tied embedding of the Qwen2.5 vocabulary): at world
+    """A ~0.54B Llama (380M in the decoder, 156M tied embedding of the Qwen2.5 vocabulary): at world
     size 2 in fp32 ZeRO-3 (shards, gradients, Adam states, DeepSpeed's fp32 partitions) two ranks
-    peak near 19 GB together, what a 24 GB machine holds; 24 layers (0.66B) was killed for memory."""
-    folder = work / "llama-0.54b"
+    peak near 19 GB together, what a 24 GB machine holds; 24 layers (0.66B) was killed for memory.
+    Saved as released checkpoints are: bf16 safetensors, and the embedding padded to Qwen2.5's
+    151,936 rows (spare rows past the tokenizer, so the image tokens need no resize)."""
+    folder = work / "llama-0.54b-bf16"
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -137,7 +139,7 @@ def _llm_folder(work: Path) -> Path:
 
     tok = load_tokenizer("qwen2.5")
     cfg = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=151_936,
         hidden_size=1024,
         intermediate_size=5504,
         num_hidden_layers=18,
@@ -147,7 +149,7 @@ def _llm_folder(work: Path) -> Path:
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

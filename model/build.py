@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vpit.common import release_freed_memory
 from vpit.config import path_field
 from vpit.errors import ConfigError
 from vpit.model.chat_template import get_template
@@ -127,12 +128,14 @@ def build_model(
         llm = AutoModelForCausalLM.from_config(tiny_llm_config(cfg, n_old), **kwargs)
     else:
         llm = AutoModelForCausalLM.from_pretrained(cfg.llm, **kwargs)
+    release_freed_memory()  # the load's freed buffers, before the resize gathers the embedding
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         if sharding:
             sharding.partition(llm.get_input_embeddings())
             if llm.get_output_embeddings() is not None:
                 sharding.partition(llm.get_output_embeddings())
+        release_freed_memory()
     gather = sharding.gather if sharding else None
     new = [i for i in (start_id, end_id) if i >= n_old]
     if new:
