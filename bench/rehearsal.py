@@ -7,8 +7,8 @@ In one run it measures:
     zero.Init: what zero.Init changes. The engine's own buffers (fp32 partitions, Adam states)
     are the same either way and live on the GPU in a real run; on CPU they sit in the same RSS,
     so the peak through the engine build is reported beside it;
-  - the peak memory a training step adds, with and without gradient checkpointing: the same
-    step from the same resumed state (so the Adam states exist already), at world 1;
+  - the peak memory forward + backward adds, with and without gradient checkpointing: the same
+    micro batch of ~300 tokens, in one world-1 process after a warm-up step;
   - steps/s;
   - a resume from 2 ranks to 1 and from 1 to 2 (through a universal checkpoint), each against
     the uninterrupted run: the same sample ids per step and the loss within 1e-5 (fp32). The
@@ -74,7 +74,7 @@ def _child(config: str, sets: list[str], resume: bool, report: str, preempt_afte
     """One rank of a run: build the Trainer and train, noting the peak anonymous RSS of building
     the model (up to the DeepSpeed engine), of the engine build, and of every step."""
     import vpit.train.trainer as trainer_module
-    from vpit.common import quiet
+    from vpit.common import quiet, release_freed_memory
     from vpit.train.config import load_train_config
     from vpit.train.trainer import Trainer
 
@@ -93,6 +93,7 @@ def _child(config: str, sets: list[str], resume: bool, report: str, preempt_afte
     step_once, step_deltas = trainer.train_step, []
 
     def measured_step(micro):
+        release_freed_memory()  # else the step reuses pages glibc kept from the last one, unseen
         before = _anon_rss()
         sampler.take()
         row = step_once(micro)
@@ -121,6 +122,48 @@ def _child(config: str, sets: list[str], resume: bool, report: str, preempt_afte
             }
         )
     )
+
+
+def _ckpt_ab(config: str, sets: list[str], report: str) -> None:
+    """Gradient checkpointing on, then off, in one world-1 process on the same long micro batch:
+    the peak anonymous memory a training step adds with each (after a warm-up step has made the
+    gradient partitions and Adam states, which are the same either way)."""
+    from vpit.common import quiet, release_freed_memory
+    from vpit.train.config import load_train_config
+    from vpit.train.trainer import Trainer
+
+    quiet()
+    cfg = load_train_config(config, {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets)})
+    trainer = Trainer(cfg)
+    engine, llm = trainer.engine, trainer.engine.module.llm
+    (batch,) = next(trainer.source.steps(0, 0, 1, 1, trainer.collate, 0))
+
+    def step(sampler: _Peak | None = None) -> int:
+        """One training step; the peak of its forward + backward (activations live there; the
+        optimizer step's own peak, AdamW's temporaries, is the same either way). The heap is trimmed
+        first: pages that glibc kept from the last step would be reused without showing in RSS."""
+        release_freed_memory()
+        before = _anon_rss()
+        if sampler:
+            sampler.take()
+        out = engine(**batch.model_inputs(engine.device, trainer.dtype), return_token_losses=True)
+        engine.backward(out.text_sum / max(batch.n_text, 1) + out.vision_sum / max(batch.n_vision, 1))
+        added = sampler.take() - before if sampler else 0
+        engine.step()
+        return added
+
+    engine.train()
+    step()
+    sampler, added = _Peak(), {}
+    for name in ("grad_ckpt", "plain"):
+        if name == "grad_ckpt":
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_disable()
+        added[name] = step(sampler)
+    sampler.stop()
+    trainer.close()
+    Path(f"{report}.rank0.json").write_text(json.dumps({**added, "tokens": batch.n_tokens}))
 
 
 def _llm_folder(work: Path) -> Path:
@@ -221,6 +264,30 @@ def _run(cfg: Path, out: Path, nproc: int, *sets: str, resume: bool = False, pre
     return {"ranks": ranks, "wall_s": wall, "stdout": res.stdout}
 
 
+def _ckpt_ab_run(cfg: Path, out: Path) -> dict:
+    from vpit.common import subprocess_env
+
+    report = out.parent / f"{out.name}-report"
+    argv = [sys.executable, __file__, "--child", str(cfg), "--ckpt-ab", "--report", str(report)]
+    sets = [f"output_dir={json.dumps(str(out))}", "micro_batch_size=3", "max_steps=1000", "save_every=1000"]
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        argv + [x for s in sets for x in ("--set", s)],
+        env=subprocess_env(OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        sys.exit(f"rehearsal run {out.name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    ab = json.loads(Path(f"{report}.rank0.json").read_text())
+    print(
+        f"{out.name} (world 1): {time.perf_counter() - t0:.0f}s, forward + backward of {ab['tokens']} tokens adds "
+        f"{ab['grad_ckpt'] / 2**30:.2f} GB with gradient checkpointing, {ab['plain'] / 2**30:.2f} GB without",
+        flush=True,
+    )
+    return ab
+
+
 def _metrics(run: Path) -> dict[int, dict]:
     from vpit.train.run_log import read_jsonl_by_step, read_metrics
 
@@ -269,7 +336,10 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preempt-after", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt-ab", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.ckpt_ab:
+        return _ckpt_ab(args.child, args.set, args.report)
     if args.child:
         return _child(args.child, args.set, args.resume, args.report, args.preempt_after)
 
@@ -292,12 +362,10 @@ def main() -> None:
     # checkpoint, exit 0); 1 -> 2: world 2 resumes that step-3 checkpoint and trains step 4
     _cut_at(work / "run-w2", work / "run-2to1", 2)
     r21 = _run(cfg, work / "run-2to1", 1, "grad_accum=2", "gradient_checkpointing=true", resume=True, preempt_after=3)
-    # the same step 3 from the same state without gradient checkpointing: a clean A/B of a
-    # steady-state step (the Adam states come from the checkpoint), at world 1, where one
-    # process fits beside nothing else (two ranks without checkpointing were OOM-killed)
-    _cut_at(work / "run-2to1", work / "run-2to1-no-ckpt", 2)
-    no_ckpt = _run(cfg, work / "run-2to1-no-ckpt", 1, "grad_accum=2", resume=True, preempt_after=3)
-    _drop_checkpoints(work / "run-2to1-no-ckpt")
+    # gradient checkpointing on and off on one micro batch of 3 samples packed in a row (the
+    # rehearsal's steps carry ~100 tokens, where activations are lost beside ZeRO-3's buffers),
+    # in one world-1 process: two ranks without checkpointing were OOM-killed here
+    ab = _ckpt_ab_run(cfg, work / "run-ckpt-ab")
     _cut_at(work / "run-2to1", work / "run-1to2", 3)
     r12 = _run(cfg, work / "run-1to2", 2, "gradient_checkpointing=true", resume=True)
     for run in ("run-w2", "run-2to1", "run-1to2"):
@@ -309,8 +377,7 @@ def main() -> None:
     same12, diff12 = _compare(m2, _metrics(work / "run-1to2"), 3)
     rss_zero = max(r["model_peak_rss"] for r in ref2["ranks"])
     rss_plain = max(r["model_peak_rss"] for r in plain["ranks"])
-    mem_ckpt = r21["ranks"][0]["step_peak_delta"]
-    mem_plain = no_ckpt["ranks"][0]["step_peak_delta"]
+    mem_ckpt, mem_plain = ab["grad_ckpt"], ab["plain"]
     r0 = ref2["ranks"][0]
     figures = {
         "params": r0["params"],

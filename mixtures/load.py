@@ -238,13 +238,14 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
                     continue
                 _unknown(f"{where}.", ph, PHASE_KEYS, p)
                 ptotal = _count(ph.get("total"), f"{where}.total", p)
-                pgroups = _parse_groups(ph.get("groups"), f"{where}.groups", p, zero_ok=True)
+                pgroups, absent = _parse_groups(ph.get("groups"), f"{where}.groups", p, zero_ok=True)
                 try:
-                    phases.append(PhaseSpec(name=str(ph.get("name")), groups=pgroups, total=ptotal))
+                    name = str(ph.get("name") or f"phase{i + 1}")
+                    phases.append(PhaseSpec(name=name, groups=pgroups, total=ptotal, absent=absent))
                 except ValueError as e:
                     p.append(str(e))
     else:
-        groups = _parse_groups(data.get("groups"), "groups", p, zero_ok=False)
+        groups, _ = _parse_groups(data.get("groups"), "groups", p, zero_ok=False)
     unit = data.get("unit", "samples")
     p.check(unit in UNITS, f"unit: expected one of {', '.join(UNITS)}, got {unit!r}")
     tokenizer = data.get("tokenizer")
@@ -279,20 +280,25 @@ def _count(value: Any, where: str, p: _Problems) -> int | None:
         return None
 
 
-def _parse_groups(raw_groups: Any, where_groups: str, p: _Problems, zero_ok: bool) -> tuple[GroupSpec, ...]:
-    """Group entries; in a phase (`zero_ok`) an amount of 0 means the phase draws none of the group."""
-    groups = []
+def _parse_groups(
+    raw_groups: Any, where_groups: str, p: _Problems, zero_ok: bool
+) -> tuple[tuple[GroupSpec, ...], tuple[str, ...]]:
+    """Group entries, and (in a phase: `zero_ok`) the groups named with an amount of 0, which the
+    phase draws none of."""
+    groups, absent = [], []
     if not p.check(
         isinstance(raw_groups, dict) and raw_groups,
         f"{where_groups}: expected a mapping of group name -> count (or {{count|weight, split}}); there is none",
     ):
-        return ()
+        return (), ()
     for name, grp in raw_groups.items():
         where = f"{where_groups}.{name}"
         if not p.check(isinstance(grp, dict), f"{where}: expected a count or a mapping, got {grp!r}"):
             continue
         _unknown(f"{where}.", grp, GROUP_KEYS, p)
-        if zero_ok and (grp.get("count") == 0 or grp.get("weight") == 0):
+        amounts = [grp.get(k) for k in ("count", "weight") if grp.get(k) is not None]
+        if zero_ok and amounts == [0]:
+            absent.append(str(name))
             continue
         kw: dict[str, Any] = {"name": str(name)}
         try:
@@ -320,12 +326,12 @@ def _parse_groups(raw_groups: Any, where_groups: str, p: _Problems, zero_ok: boo
             group = GroupSpec(**kw)
         except ValueError as e:
             msg = str(e)
-            if where != f"groups.{name}":  # GroupSpec names the field from the top level
-                msg = msg.replace(f"groups.{name}", where, 1)
+            if msg.startswith(f"groups.{name}") and where != f"groups.{name}":  # GroupSpec's top-level path
+                msg = where + msg[len(f"groups.{name}") :]
             p.append(msg)
             continue
         groups.append(group)
-    return tuple(groups)
+    return tuple(groups), tuple(absent)
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> MixtureSpec:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -260,7 +261,13 @@ def text_chars(record: dict) -> int:
     return sum(len(part.get("text", "")) for msg in record.get("messages", []) for part in msg["content"])
 
 
-def _split(spec: MixtureSpec, group, amount: int, catalogs: dict[str, Catalog]) -> dict[str, int]:
+def _split(
+    spec: MixtureSpec, group, amount: int, catalogs: dict[str, Catalog], carry: dict[str, Fraction] | None = None
+) -> dict[str, int]:
+    """A group's amount among its sources (by size, equally, or by explicit shares). Over phases,
+    `carry` holds each source's ideal minus its samples in the earlier phases: a source rounded up
+    in one phase is owed less in the next (rounding each phase alone gave the same source the extra
+    sample every time: two sources of 3 and phases of 3 + 3 drew 4 of one and 2 of the other)."""
     members = [s.name for s in spec.sources if s.group == group.name]
     if group.split == "equal":
         weights = [1] * len(members)
@@ -269,7 +276,14 @@ def _split(spec: MixtureSpec, group, amount: int, catalogs: dict[str, Catalog]) 
         weights = [shares[m] for m in members]
     else:
         weights = [catalogs[m].size for m in members]
-    return dict(zip(members, apportion(amount, weights), strict=True))
+    carry = {} if carry is None else carry
+    total = sum(Fraction(w) for w in weights)
+    ideal = {m: amount * Fraction(w) / total + carry.get(m, 0) for m, w in zip(members, weights, strict=True)}
+    owed = [max(Fraction(0), ideal[m]) for m in members]
+    counts = apportion(amount, owed if sum(owed) > 0 else weights)
+    for m, c in zip(members, counts, strict=True):
+        carry[m] = ideal[m] - c
+    return dict(zip(members, counts, strict=True))
 
 
 def _most_feasible(group, members: list[str], catalogs: dict[str, Catalog], shares: dict[str, float]) -> int:
@@ -381,7 +395,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
     per_sample = _token_means(spec, catalogs, m) if spec.unit == "tokens" else {}
     group_names = spec.group_names
     multi = len(spec.phases) > 1 or not spec.groups
-    phases, counts = [], {s.name: 0 for s in spec.sources}
+    phases, counts, carry = [], {s.name: 0 for s in spec.sources}, {}
     for ph in spec.phases:
         where = f"phases.{ph.name}." if multi else ""
         if ph.total is not None:
@@ -396,12 +410,17 @@ def make_plan(spec: MixtureSpec) -> Plan:
             amounts = [g.count for g in ph.groups]
         tokens = dict(zip((g.name for g in ph.groups), amounts, strict=True)) if per_sample else {}
         if per_sample:  # token amounts -> sample counts, at each group's mean tokens per sample
-            amounts = [
-                max(1, round(a / _group_mean(spec, g, catalogs, per_sample))) for g, a in zip(ph.groups, amounts)
-            ]
+            means = [_group_mean(spec, g, catalogs, per_sample) for g in ph.groups]
+            for g, mean in zip(ph.groups, means, strict=True):
+                if mean <= 0:
+                    raise ConfigError(
+                        f"unit: tokens: group {g.name}'s sources have no readable records to count tokens in; "
+                        "check them with `vpit verify`"
+                    )
+            amounts = [max(1, round(a / mean)) for a, mean in zip(amounts, means, strict=True)]
         split: dict[str, int] = {}
         for g, amount in zip(ph.groups, amounts, strict=True):
-            split.update(_split(spec, g, amount, catalogs))
+            split.update(_split(spec, g, amount, catalogs, carry))
         for name in counts:
             counts[name] += split.get(name, 0)
         by_group = dict(zip((g.name for g in ph.groups), amounts, strict=True))
@@ -419,7 +438,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
             src = next(s for s in spec.sources if s.name == name)
             asks = [(ph, dict(pp.counts)[name]) for ph, pp in zip(spec.phases, phases, strict=True)]
             asks = [(ph, c) for ph, c in asks if c]
-            if len(asks) == 1 and not multi:
+            if len(asks) == 1 and not multi and spec.unit == "samples":
                 g = next(g for g in spec.groups if g.name == src.group)
                 amount = dict(phases[0].groups)[g.name]
                 most = _most_feasible(g, [s.name for s in spec.sources if s.group == g.name], catalogs, dict(g.shares))

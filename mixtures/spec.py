@@ -173,6 +173,8 @@ class PhaseSpec:
     """The groups this phase draws from, with their amounts (a group left out takes none)."""
     total: int | None = None
     """The phase's amount when its groups give weights."""
+    absent: tuple[str, ...] = ()
+    """Groups the phase names with an amount of 0 (it draws none of them)."""
 
     def __post_init__(self):
         _check_name(self.name, f"phases.{self.name}")
@@ -275,7 +277,7 @@ class MixtureSpec:
         names = [s.name for s in self.sources]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"sources.{dup}: defined twice")
-        groups = {g.name: g for ph in self.phases for g in ph.groups}
+        groups = {g: None for g in self.group_names}
         for s in self.sources:
             if s.group not in groups:
                 problems.append(
@@ -328,7 +330,7 @@ class MixtureSpec:
                 {
                     "name": p.name,
                     **({"total": p.total} if p.total is not None else {}),
-                    "groups": _groups_dict(p.groups),
+                    "groups": {**_groups_dict(p.groups), **dict.fromkeys(p.absent, 0)},
                 }
                 for p in self.phases
             ]
@@ -337,7 +339,7 @@ class MixtureSpec:
     @property
     def group_names(self) -> tuple[str, ...]:
         """Every group, in the order it first appears over the phases."""
-        return tuple(dict.fromkeys(g.name for p in self.phases for g in p.groups))
+        return tuple(dict.fromkeys(g for p in self.phases for g in (*(x.name for x in p.groups), *p.absent)))
 
 
 def _groups_dict(groups: tuple[GroupSpec, ...]) -> dict[str, Any]:

@@ -71,9 +71,11 @@ def train_in_stages(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
             eval_at_end=False,
         )
         trainer = Trainer(one, resume=resume)
-        trainer.train()
+        summary = trainer.train()
         del trainer  # its engine's buffers go before stage 2 builds its own
         gc.collect()
+        if summary["preempted"]:  # stage 1's checkpoint is saved; --resume goes on from it
+            return summary
         if dist.rank == 0:
             tmp = first / f"export.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -264,3 +264,59 @@ def test_a_grid_can_override_one_phase_by_name_or_position(phased):
     assert dict(c.phases[0].groups)["generation"] == 5 and c.hash != plan.hash
     with pytest.raises(ValueError, match="no phase 'late'"):
         load_spec(path, {"phases.late.total": 4})
+
+
+def test_a_source_split_over_phases_is_rounded_once_not_per_phase(mix_data):
+    """Two sources of one group split equally over four phases of 5: rounding each phase alone gave
+    the first source the extra sample every time (12 draws of its 10 samples: refused, though the
+    spec asks for exactly 10 of each); the split carries its rounding from phase to phase."""
+    from vpit.mixtures import load_spec, make_plan
+
+    path = mix_data["root"] / "carry.yaml"
+    path.write_text("""
+sources:
+  a: {path: extra, group: g}
+  b: {path: mix, group: g, kind: generation}
+phases:
+  - {name: p1, groups: {g: {count: 5, split: equal}}}
+  - {name: p2, groups: {g: {count: 5, split: equal}}}
+  - {name: p3, groups: {g: {count: 5, split: equal}}}
+  - {name: p4, groups: {g: {count: 5, split: equal}}}
+""")
+    plan = make_plan(load_spec(path))  # extra: 10 samples, mix: 20 generation samples
+    assert plan.counts == {"a": 10, "b": 10}
+    assert [dict(p.counts)["a"] for p in plan.phases] == [3, 2, 3, 2]
+
+
+def test_a_group_given_0_in_every_phase_is_a_group_that_draws_nothing(mix_data, tmp_path):
+    """A grid may sweep a phase's amount down to 0: the group stays known, draws none, and the
+    stream, the table and a saved plan carry it."""
+    from vpit.mixtures import MixtureStream, load_spec, make_plan
+    from vpit.mixtures.plan import load_plan, save_plan
+
+    path = mix_data["root"] / "zero.yaml"
+    path.write_text(PHASED.format(fp="null").replace("editing: 3}", "editing: 0}").replace(
+        "editing: {{weight: 1, split: equal}}".replace("{{", "{").replace("}}", "}"), "editing: 0"
+    ))
+    spec = load_spec(path)
+    assert "editing" in spec.group_names
+    plan = make_plan(spec)
+    assert dict(plan.groups)["editing"] == 0 and plan.counts["edits"] == 0
+    items = [it for batch in MixtureStream(plan, global_batch_size=B, with_tokens=False) for it in batch]
+    assert len(items) == plan.total and not [it for it in items if it["group"] == "editing"]
+    assert "editing" in plan.table(B)
+    again = load_plan(save_plan(plan, tmp_path / "plan"), spec)
+    assert again.phases == plan.phases and again.hash == plan.hash
+
+
+def test_phase_field_errors_name_the_path_once(mix_data):
+    from vpit.mixtures import load_spec
+
+    bad = mix_data["root"] / "neg.yaml"
+    bad.write_text(PHASED.format(fp="null").replace("understanding: 9,", "understanding: -3,"))
+    with pytest.raises(ValueError) as e:
+        load_spec(bad)
+    assert "phases.phase3.groups.understanding.count: " in str(e.value) and "phases.phase3.phases" not in str(e.value)
+    bad.write_text(PHASED.format(fp="null").replace("understanding: 9,", "understanding: {count: 4, weight: 0},"))
+    with pytest.raises(ValueError, match="phases.phase3.groups.understanding: give exactly one of count or weight"):
+        load_spec(bad)

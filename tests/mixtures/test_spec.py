@@ -259,4 +259,4 @@ def test_plan_hash_names_the_sequence_not_the_location(mix_data, tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "mixtures" / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_checked_in_yaml_parses(path):
     spec = load_spec(path)
-    assert spec.sources and spec.groups
+    assert spec.sources and spec.phases and all(p.groups for p in spec.phases)
