@@ -403,7 +403,7 @@ def main() -> None:
         f"{figures['rss_with_engine_zero_init_gb']:.2f} vs {figures['rss_with_engine_plain_gb']:.2f} GB"
     )
     print(
-        f"memory a step adds: {figures['step_mem_grad_ckpt_gb']:.2f} GB with gradient checkpointing vs "
+        f"memory forward + backward adds: {figures['step_mem_grad_ckpt_gb']:.2f} GB with gradient checkpointing vs "
         f"{figures['step_mem_plain_gb']:.2f} GB without: ratio {figures['mem_ratio_grad_ckpt']:.2f} (goal < 1)"
     )
     print(f"steps/s at world 2: {figures['steps_per_s_world2']:.3f}")
