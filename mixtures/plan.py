@@ -53,6 +53,8 @@ class PhasePlan:
     """(source, samples in this phase) for every source, in plan order."""
     tokens: tuple[tuple[str, int], ...] = ()
     """With unit tokens: (group, token amount asked for) in plan order."""
+    token_means: tuple[tuple[str, float], ...] = ()
+    """With unit tokens: (source, mean tokens per sample over its draws in this phase)."""
 
     @property
     def total(self) -> int:
@@ -218,7 +220,6 @@ class Plan:
         """Per phase: samples and share per group, steps; in token units the tokens asked for and
         the share they come to at the measured tokens per sample."""
         names = [g for g, _ in self.groups]
-        per = {s.name: s.tokens_per_sample for s in self.sources}
         steps = dict((n, (a, b)) for n, a, b in self.phase_steps(batch_size)) if batch_size else {}
         head = ("phase", "samples", *(("steps",) if steps else ()), *names)
         rows = []
@@ -232,9 +233,9 @@ class Plan:
         )
         lines = [title + ":", *text_table(head, rows, 0)]
         if self.spec.unit == "tokens":
-            lines += ["", "token shares per phase, asked for (unit: tokens) -> realised at the measured tokens/sample:"]
+            lines += ["", "token shares per phase, asked for (unit: tokens) -> what the counts draw (measured):"]
             for p in self.phase_plans():
-                asked = dict(p.tokens)
+                asked, per = dict(p.tokens), dict(p.token_means)
                 got = {g: 0.0 for g in names}
                 for src, n in p.counts:
                     got[next(s.group for s in self.sources if s.name == src)] += n * per[src]
@@ -244,7 +245,8 @@ class Plan:
             lines.append(
                 "  tokens/sample: "
                 + ", ".join(f"{s.name} {s.tokens_per_sample:.1f}" for s in self.sources)
-                + f" (first {TOKEN_SAMPLES:,} draws, tokenizer {self.spec.tokenizer})"
+                + f" (over the run; each phase's draws, up to {TOKEN_SAMPLES:,} per source, tokenizer "
+                f"{self.spec.tokenizer})"
             )
         return lines
 
@@ -392,7 +394,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
     if problems:
         raise ConfigError(f"cannot plan {spec.origin}:\n  - " + "\n  - ".join(problems))
 
-    per_sample = _token_means(spec, catalogs, m) if spec.unit == "tokens" else {}
+    counter = _TokenCounter(spec, catalogs, m) if spec.unit == "tokens" else None
     group_names = spec.group_names
     multi = len(spec.phases) > 1 or not spec.groups
     phases, counts, carry = [], {s.name: 0 for s in spec.sources}, {}
@@ -408,19 +410,14 @@ def make_plan(spec: MixtureSpec) -> Plan:
                     )
         else:
             amounts = [g.count for g in ph.groups]
-        tokens = dict(zip((g.name for g in ph.groups), amounts, strict=True)) if per_sample else {}
-        if per_sample:  # token amounts -> sample counts, at each group's mean tokens per sample
-            means = [_group_mean(spec, g, catalogs, per_sample) for g in ph.groups]
-            for g, mean in zip(ph.groups, means, strict=True):
-                if mean <= 0:
-                    raise ConfigError(
-                        f"unit: tokens: group {g.name}'s sources have no readable records to count tokens in; "
-                        "check them with `vpit verify`"
-                    )
-            amounts = [max(1, round(a / mean)) for a, mean in zip(amounts, means, strict=True)]
-        split: dict[str, int] = {}
-        for g, amount in zip(ph.groups, amounts, strict=True):
-            split.update(_split(spec, g, amount, catalogs, carry))
+        tokens = dict(zip((g.name for g in ph.groups), amounts, strict=True)) if counter else {}
+        means: dict[str, float] = {}
+        if counter:  # token amounts -> sample counts
+            amounts, split, means = _token_counts(spec, ph, amounts, catalogs, counter, counts, carry)
+        else:
+            split = {}
+            for g, amount in zip(ph.groups, amounts, strict=True):
+                split.update(_split(spec, g, amount, catalogs, carry))
         for name in counts:
             counts[name] += split.get(name, 0)
         by_group = dict(zip((g.name for g in ph.groups), amounts, strict=True))
@@ -430,6 +427,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
                 groups=tuple((g, by_group.get(g, 0)) for g in group_names),
                 counts=tuple((s.name, split.get(s.name, 0)) for s in spec.sources),
                 tokens=tuple((g, tokens.get(g, 0)) for g in group_names) if tokens else (),
+                token_means=tuple((s.name, means.get(s.name, 0.0)) for s in spec.sources) if means else (),
             )
         )
     over = [n for n, c in counts.items() if c > catalogs[n].size]
@@ -477,7 +475,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
                 count=counts[s.name],
                 text_tokens=text,
                 images=images,
-                tokens_per_sample=per_sample.get(s.name),
+                tokens_per_sample=_overall_mean(s.name, phases) if counter else None,
             )
         )
     groups = tuple((g, sum(dict(p.groups)[g] for p in phases)) for g in group_names)
@@ -511,31 +509,70 @@ def make_plan(spec: MixtureSpec) -> Plan:
     )
 
 
-def _token_means(spec: MixtureSpec, catalogs: dict[str, Catalog], m: int) -> dict[str, float]:
-    """Mean tokens per sample of each source: text tokens with the spec's tokenizer plus m per
-    image, over its first TOKEN_SAMPLES draws (the samples the stream takes first)."""
-    from vpit.mixtures.sampler import source_items
-    from vpit.model.tokenizer import load_tokenizer
+class _TokenCounter:
+    """Tokens of a source's draws (`sample_tokens`, with the spec's tokenizer), counted once each."""
 
-    tok = load_tokenizer(spec.tokenizer)
-    out = {}
-    for s in spec.sources:
-        catalog = catalogs[s.name]
-        n = min(TOKEN_SAMPLES, catalog.size)
-        shards, positions = catalog.locate(source_items(spec.seed, s.name, catalog.size, np.arange(n)))
-        reader = RecordReader(catalog.root, catalog.shard_names)
-        total, seen = 0, 0
-        try:
-            for sh, p in zip(shards, positions, strict=True):
-                try:
-                    total += sample_tokens(reader.record(int(sh), int(p)), tok, m)
-                    seen += 1
-                except ValueError:  # a damaged record: the trainer skips it too
-                    continue
-        finally:
-            reader.close()
-        out[s.name] = total / max(1, seen)
-    return out
+    def __init__(self, spec: MixtureSpec, catalogs: dict[str, Catalog], m: int):
+        from vpit.model.tokenizer import load_tokenizer
+
+        self.spec, self.catalogs, self.m = spec, catalogs, m
+        self.tokenizer = load_tokenizer(spec.tokenizer)
+        self.counted: dict[tuple[str, int], int | None] = {}
+
+    def mean(self, source: str, first: int, count: int) -> float:
+        """Mean tokens per sample of draws [first, first + count): all of them up to TOKEN_SAMPLES,
+        else TOKEN_SAMPLES spread evenly over the range. 0 when none is readable."""
+        from vpit.mixtures.sampler import source_items
+
+        catalog = self.catalogs[source]
+        n = max(1, count)
+        draws = first + (np.arange(min(n, TOKEN_SAMPLES)) * n) // min(n, TOKEN_SAMPLES)
+        items = source_items(self.spec.seed, source, catalog.size, draws).tolist()
+        todo = [i for i in dict.fromkeys(items) if (source, i) not in self.counted]
+        if todo:
+            shards, positions = catalog.locate(np.asarray(todo))
+            reader = RecordReader(catalog.root, catalog.shard_names)
+            try:
+                for i, sh, p in zip(todo, shards.tolist(), positions.tolist(), strict=True):
+                    try:
+                        self.counted[source, i] = sample_tokens(reader.record(sh, p), self.tokenizer, self.m)
+                    except ValueError:  # a damaged record: the trainer skips it too
+                        self.counted[source, i] = None
+            finally:
+                reader.close()
+        seen = [self.counted[source, i] for i in items if self.counted[source, i] is not None]
+        return sum(seen) / len(seen) if seen else 0.0
+
+
+def _token_counts(
+    spec: MixtureSpec, phase, amounts: list[int], catalogs: dict, counter: _TokenCounter, start: dict, carry: dict
+) -> tuple[list[int], dict[str, int], dict[str, float]]:
+    """Token amounts -> sample counts for one phase: (group counts, source counts, each source's
+    mean tokens per sample over its draws in this phase). The means are measured on the very draws
+    the counts give (each source continues its permutation where the earlier phases left it), so a
+    few rounds settle it: counts from means, means from counts."""
+    members = {g.name: [s.name for s in spec.sources if s.group == g.name] for g in phase.groups}
+    means = {n: counter.mean(n, start[n], TOKEN_SAMPLES) for ns in members.values() for n in ns}
+    for _ in range(4):
+        group_counts = []
+        for g, a in zip(phase.groups, amounts, strict=True):
+            mean = _group_mean(spec, g, catalogs, means)
+            if mean <= 0:
+                raise ConfigError(
+                    f"unit: tokens: group {g.name}'s sources have no readable records to count tokens in; "
+                    "check them with `vpit verify`"
+                )
+            group_counts.append(max(1, round(a / mean)))
+        trial, split = dict(carry), {}
+        for g, c in zip(phase.groups, group_counts, strict=True):
+            split.update(_split(spec, g, c, catalogs, trial))
+        measured = {n: counter.mean(n, start[n], split[n]) if split[n] else means[n] for n in means}
+        if measured == means:
+            break
+        means = measured
+    carry.clear()
+    carry.update(trial)
+    return group_counts, split, means
 
 
 def sample_tokens(record: dict, tokenizer, m: int) -> int:
@@ -544,6 +581,13 @@ def sample_tokens(record: dict, tokenizer, m: int) -> int:
     texts = [part["text"] for msg in record.get("messages", []) for part in msg["content"] if part.get("text")]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     return sum(len(x) for x in ids) + m * len(record.get("images", []))
+
+
+def _overall_mean(source: str, phases: list[PhasePlan]) -> float:
+    """A source's mean tokens per sample over the run (its phases' means, weighted by its draws)."""
+    pairs = [(dict(p.counts)[source], dict(p.token_means)[source]) for p in phases]
+    n = sum(c for c, _ in pairs)
+    return sum(c * mu for c, mu in pairs) / n if n else max((mu for _, mu in pairs), default=0.0)
 
 
 def _group_mean(spec: MixtureSpec, group, catalogs: dict[str, Catalog], per_sample: dict[str, float]) -> float:
@@ -677,7 +721,11 @@ def load_plan(folder: str | Path, spec: MixtureSpec) -> Plan:
         downloads=tuple((n, a) for n, a in meta.get("downloads", ())),
         duplicates=tuple((r, int(n)) for r, n in meta.get("duplicates", ())),
         phases=tuple(
-            PhasePlan(p["name"], *(tuple((k, int(v)) for k, v in p[f]) for f in ("groups", "counts", "tokens")))
+            PhasePlan(
+                p["name"],
+                *(tuple((k, int(v)) for k, v in p[f]) for f in ("groups", "counts", "tokens")),
+                token_means=tuple((k, float(v)) for k, v in p.get("token_means", ())),
+            )
             for p in meta.get("phases", ())
         ),
     )
