@@ -120,6 +120,9 @@ def inspect_mixture(
     steps = min(steps, len(planned))
     names = [g for g, _ in plan.groups]
     realised = np.zeros((steps, len(names)), dtype=np.int64)
+    live = [p for p in plan.phase_plans() if p.total]
+    phase_index = {p.name: i for i, p in enumerate(live)}
+    per_phase = np.zeros((steps, len(live), len(names)), dtype=np.int64)  # items tallied by their phase
     stream = MixtureStream(plan, global_batch_size=batch_size, with_tokens=False)
     out = open(lineage, "w", encoding="utf-8") if lineage else None  # noqa: SIM115 - closed below
     try:
@@ -128,6 +131,7 @@ def inspect_mixture(
                 break
             for item in batch:
                 realised[k, names.index(item["group"])] += 1
+                per_phase[k, phase_index.get(item.get("phase"), 0), names.index(item["group"])] += 1
             if out:
                 out.write(json.dumps({"step": k, "ids": [it["id"] for it in batch]}) + "\n")
     finally:
@@ -148,17 +152,24 @@ def inspect_mixture(
     lines += ["", f"  first {steps} batches ({seen:,} samples): realised share vs planned"]
     sizes = planned[:steps].sum(axis=1)
     ideal = planned_shares(plan, batch_size)[:steps] * sizes[:, None]
-    slack = np.zeros(len(planned))  # each phase segment of a batch is within one sample of its ideal
-    for first, seg in make_schedule(plan, batch_size).segments:
-        slack[first : first + len(seg)] += 1
-    slack = slack[:steps]
+    # the bound holds per phase segment: each phase's part of a batch is within one sample of
+    # that part's size x the phase's share of the group
+    in_bound = np.ones(len(names), dtype=bool)
+    for p, (first, seg) in enumerate(make_schedule(plan, batch_size).segments):
+        rows = range(first, min(first + len(seg), steps))
+        if not len(rows):
+            continue
+        share = np.array([n for _, n in live[p].groups], dtype=float) / live[p].total
+        part = per_phase[rows.start : rows.stop, p]
+        size = part.sum(axis=1, keepdims=True)
+        in_bound &= (np.abs(part - size * share[None, :]) < 1).all(axis=0)
     for gi, (g, _) in enumerate(plan.groups):
-        ok = bool((np.abs(realised[:, gi] - ideal[:, gi]) < slack).all())
+        ok = bool(in_bound[gi])
         lines.append(
             f"    {g:<{width}} {realised[:, gi].sum() / max(1, seen):7.2%}  planned "
             f"{ideal[:, gi].sum() / max(1, sizes.sum()):7.2%}  "
             f"per batch {realised[:, gi].min()}..{realised[:, gi].max()} "
-            f"({'within one sample of plan' if ok else 'OUTSIDE the per-batch bound'})"
+            f"({'within one sample of plan in every phase segment' if ok else 'OUTSIDE the per-batch bound'})"
         )
     same = np.array_equal(realised, planned[:steps])
     lines.append(f"  realised batches {'match' if same else 'DIFFER FROM'} the plan's schedule")

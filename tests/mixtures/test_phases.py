@@ -320,3 +320,19 @@ def test_phase_field_errors_name_the_path_once(mix_data):
     bad.write_text(PHASED.format(fp="null").replace("understanding: 9,", "understanding: {count: 4, weight: 0},"))
     with pytest.raises(ValueError, match="phases.phase3.groups.understanding: give exactly one of count or weight"):
         load_spec(bad)
+
+
+def test_inspect_checks_every_phase_segment_and_plan_draws_the_steps(phased, tmp_path):
+    """`vpit mix inspect` tallies items by their phase and checks each phase's part of every batch
+    (the batches at the boundaries hold two); `vpit mix plan --batch-size` shows each phase's steps
+    and writes the share plot."""
+    from vpit.mixtures.inspect import inspect_mixture
+
+    _, plan = phased
+    report = inspect_mixture(plan, batch_size=B, steps=8, png=tmp_path / "shares.png")
+    assert report.count("within one sample of plan in every phase segment") == 3, report
+    assert "realised batches match the plan's schedule" in report
+    assert (tmp_path / "shares.png").stat().st_size > 10_000
+    assert plan.phase_steps(B) == [("warm", 1, 3), ("main", 3, 6), ("phase3", 6, 8)]
+    table = plan.table(B)
+    assert "phases (steps of a global batch of 8):" in table and "warm" in table and "6-8" in table
