@@ -296,9 +296,11 @@ def test_a_group_given_0_in_every_phase_is_a_group_that_draws_nothing(mix_data, 
     from vpit.mixtures.plan import load_plan, save_plan
 
     path = mix_data["root"] / "zero.yaml"
-    path.write_text(PHASED.format(fp="null").replace("editing: 3}", "editing: 0}").replace(
-        "editing: {{weight: 1, split: equal}}".replace("{{", "{").replace("}}", "}"), "editing: 0"
-    ))
+    path.write_text(
+        PHASED.format(fp="null")
+        .replace("editing: 3}", "editing: 0}")
+        .replace("editing: {{weight: 1, split: equal}}".replace("{{", "{").replace("}}", "}"), "editing: 0")
+    )
     spec = load_spec(path)
     assert "editing" in spec.group_names
     plan = make_plan(spec)
