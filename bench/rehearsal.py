@@ -72,9 +72,9 @@ class _Peak:
 
 def _child(config: str, sets: list[str], resume: bool, report: str, preempt_after: int | None) -> None:
     """One rank of a run: build the Trainer and train, noting the peak anonymous RSS of building
-    the model (up to the DeepSpeed engine), of the engine build, and of every step."""
+    the model (up to the DeepSpeed engine) and of the whole build."""
     import vpit.train.trainer as trainer_module
-    from vpit.common import quiet, release_freed_memory
+    from vpit.common import quiet
     from vpit.train.config import load_train_config
     from vpit.train.trainer import Trainer
 
@@ -90,32 +90,26 @@ def _child(config: str, sets: list[str], resume: bool, report: str, preempt_afte
     trainer_module.initialize = noting_the_model_peak
     trainer = Trainer(cfg, resume=resume)
     build_peak = max(model_peak[0], sampler.take())
-    step_once, step_deltas = trainer.train_step, []
+    sampler.stop()
+    step_once = trainer.train_step
 
-    def measured_step(micro):
-        release_freed_memory()  # else the step reuses pages glibc kept from the last one, unseen
-        before = _anon_rss()
-        sampler.take()
+    def step_then_preempt(micro):
         row = step_once(micro)
-        step_deltas.append(sampler.take() - before)
         if trainer.step == preempt_after:  # stop as SLURM would: SIGUSR1, a checkpoint, exit 0
             os.kill(os.getpid(), signal.SIGUSR1)
         return row
 
-    trainer.train_step = measured_step
+    trainer.train_step = step_then_preempt
     t0 = time.perf_counter()
     start_step = trainer.step
     trainer.train()
     seconds = time.perf_counter() - t0
-    sampler.stop()
     rank = trainer.dist.rank
     Path(f"{report}.rank{rank}.json").write_text(
         json.dumps(
             {
                 "model_peak_rss": model_peak[0],
                 "build_peak_rss": build_peak,
-                # the first step also allocates the Adam states: steady state is from the second on
-                "step_peak_delta": max(step_deltas[1:] or step_deltas),
                 "steps": trainer.step - start_step,
                 "seconds": seconds,
                 "params": trainer.n_params,
@@ -126,7 +120,7 @@ def _child(config: str, sets: list[str], resume: bool, report: str, preempt_afte
 
 def _ckpt_ab(config: str, sets: list[str], report: str) -> None:
     """Gradient checkpointing on, then off, in one world-1 process on the same long micro batch:
-    the peak anonymous memory a training step adds with each (after a warm-up step has made the
+    the peak anonymous memory forward + backward adds with each (after a warm-up step has made the
     gradient partitions and Adam states, which are the same either way)."""
     from vpit.common import quiet, release_freed_memory
     from vpit.train.config import load_train_config

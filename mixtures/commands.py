@@ -56,10 +56,13 @@ def _print_plan(cfg: MixPlanConfig, opts: MixPlanOptions) -> None:
     print(plan.table(opts.batch_size))
     if opts.batch_size:
         from vpit.mixtures.inspect import plot_group_ratio
+        from vpit.mixtures.sampler import make_schedule
 
         spec = Path(cfg.spec)
         png = plot_group_ratio(
-            plan, opts.batch_size, Path(opts.png) if opts.png else spec.with_name(spec.stem + ".shares.png")
+            plan,
+            make_schedule(plan, opts.batch_size),
+            Path(opts.png) if opts.png else spec.with_name(spec.stem + ".shares.png"),
         )
         print(f"\nwrote {png} (each group's share per step against the plan)")
 

@@ -1,9 +1,9 @@
 """`vpit mix inspect`: the realised composition of the first batches, a ratio plot, lineage.
 
 The first `steps` global batches are read through the real stream (records from the
-shards), tallied per group and compared with the plan. The plot shows each group's
-cumulative share over the whole run, from the schedule (no reads needed: the sequence
-is a pure function of the plan), with the inspected stretch marked. Lineage writes the
+shards), tallied per group (and phase) and compared with the plan. The plot shows each
+group's share per step over the whole run against the plan, from the schedule (no reads
+needed: the sequence is a pure function of the plan), with the inspected stretch marked. Lineage writes the
 sample ids of every step as JSON lines, so any run can be audited: the ids depend only on
 the plan and the global batch size, never on ranks or workers.
 """
@@ -17,20 +17,23 @@ import numpy as np
 
 from vpit.mixtures.catalog import RecordReader
 from vpit.mixtures.plan import Plan
-from vpit.mixtures.sampler import batch_slots, locate, make_schedule
+from vpit.mixtures.sampler import Schedule, batch_slots, locate, make_schedule
 from vpit.mixtures.stream import MixtureStream
 
 __all__ = ["group_counts", "inspect_mixture", "lineage_ids", "planned_shares", "plot_group_ratio"]
 
 
-def group_counts(plan: Plan, batch_size: int) -> np.ndarray:
-    """(batches, groups) samples per group in every global batch, from the schedule alone."""
-    schedule = make_schedule(plan, batch_size)
-    per_source = np.diff(schedule.draws, axis=0)
+def _by_group(plan: Plan, schedule: Schedule, per_source: np.ndarray) -> np.ndarray:
+    """(rows, sources) counts summed into (rows, groups)."""
     out = np.zeros((per_source.shape[0], len(plan.groups)), dtype=np.int64)
     for s, g in enumerate(schedule.group_of):
         out[:, g] += per_source[:, s]
     return out
+
+
+def group_counts(plan: Plan, schedule: Schedule) -> np.ndarray:
+    """(batches, groups) samples per group in every global batch, from the schedule alone."""
+    return _by_group(plan, schedule, np.diff(schedule.draws, axis=0))
 
 
 def lineage_ids(plan: Plan, batch_size: int, start: int = 0, stop: int | None = None):
@@ -53,10 +56,9 @@ def lineage_ids(plan: Plan, batch_size: int, start: int = 0, stop: int | None = 
             r.close()
 
 
-def planned_shares(plan: Plan, batch_size: int) -> np.ndarray:
+def planned_shares(plan: Plan, schedule: Schedule) -> np.ndarray:
     """(batches, groups): each group's planned share of every global batch; a batch that holds
     segments of two phases mixes their shares by the segments' sizes."""
-    schedule = make_schedule(plan, batch_size)
     sizes = np.diff(schedule.starts).astype(float)
     out = np.zeros((schedule.num_batches, len(plan.groups)))
     for (first, seg), phase in zip(schedule.segments, (p for p in plan.phase_plans() if p.total), strict=True):
@@ -65,7 +67,7 @@ def planned_shares(plan: Plan, batch_size: int) -> np.ndarray:
     return out / sizes[:, None]
 
 
-def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0) -> Path:
+def plot_group_ratio(plan: Plan, schedule: Schedule, path: Path, inspected: int = 0) -> Path:
     """PNG of each group's share of every global batch (thin), its share so far in the phase
     (solid) and the plan (dashed), with the phase boundaries marked."""
     import matplotlib
@@ -73,17 +75,14 @@ def plot_group_ratio(plan: Plan, batch_size: int, path: Path, inspected: int = 0
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = group_counts(plan, batch_size)
+    batch_size = schedule.batch_size
+    counts = group_counts(plan, schedule)
     sizes = counts.sum(axis=1, keepdims=True)
-    planned = planned_shares(plan, batch_size)
+    planned = planned_shares(plan, schedule)
     steps = np.arange(1, len(counts) + 1)
-    schedule = make_schedule(plan, batch_size)
     running = np.zeros_like(planned)  # each phase's own segments only
     for first, seg in schedule.segments:
-        per_group = np.zeros((len(seg), len(plan.groups)))
-        for s, g in enumerate(schedule.group_of):
-            per_group[:, g] += seg[:, s]
-        c = np.cumsum(per_group, axis=0)
+        c = np.cumsum(_by_group(plan, schedule, seg), axis=0)
         running[first : first + len(seg)] = c / c.sum(axis=1, keepdims=True)
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
     for gi, (g, n_g) in enumerate(plan.groups):
@@ -116,14 +115,15 @@ def inspect_mixture(
     plan: Plan, *, batch_size: int, steps: int, png: Path, lineage: Path | None = None, show: int = 12
 ) -> str:
     """Read the first `steps` batches through the stream; return the composition report."""
-    planned = group_counts(plan, batch_size)
+    stream = MixtureStream(plan, global_batch_size=batch_size, with_tokens=False)
+    schedule = stream.schedule
+    planned = group_counts(plan, schedule)
     steps = min(steps, len(planned))
     names = [g for g, _ in plan.groups]
     realised = np.zeros((steps, len(names)), dtype=np.int64)
     live = [p for p in plan.phase_plans() if p.total]
     phase_index = {p.name: i for i, p in enumerate(live)}
     per_phase = np.zeros((steps, len(live), len(names)), dtype=np.int64)  # items tallied by their phase
-    stream = MixtureStream(plan, global_batch_size=batch_size, with_tokens=False)
     out = open(lineage, "w", encoding="utf-8") if lineage else None  # noqa: SIM115 - closed below
     try:
         for k, batch in enumerate(stream):
@@ -151,11 +151,11 @@ def inspect_mixture(
     seen = realised.sum()
     lines += ["", f"  first {steps} batches ({seen:,} samples): realised share vs planned"]
     sizes = planned[:steps].sum(axis=1)
-    ideal = planned_shares(plan, batch_size)[:steps] * sizes[:, None]
+    ideal = planned_shares(plan, schedule)[:steps] * sizes[:, None]
     # the bound holds per phase segment: each phase's part of a batch is within one sample of
     # that part's size x the phase's share of the group
     in_bound = np.ones(len(names), dtype=bool)
-    for p, (first, seg) in enumerate(make_schedule(plan, batch_size).segments):
+    for p, (first, seg) in enumerate(schedule.segments):
         rows = range(first, min(first + len(seg), steps))
         if not len(rows):
             continue
@@ -173,6 +173,6 @@ def inspect_mixture(
         )
     same = np.array_equal(realised, planned[:steps])
     lines.append(f"  realised batches {'match' if same else 'DIFFER FROM'} the plan's schedule")
-    plot_group_ratio(plan, batch_size, png, inspected=steps)
+    plot_group_ratio(plan, schedule, png, inspected=steps)
     lines.append(f"  wrote {png}" + (f" and lineage {lineage}" if lineage else ""))
     return "\n".join(lines)

@@ -39,7 +39,7 @@ PLAN_VERSION = 1  # bump when the sampler's mapping from (plan, index) to sample
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English BPE tokenizers; estimates only
 ESTIMATE_SAMPLES = 32  # records read per source for the token estimates
 DEFAULT_M = 64  # visual tokens per image when no cache is named (the reference recipe)
-TOKEN_SAMPLES = 2048  # records per source tokenized for unit: tokens (the source's first draws)
+TOKEN_SAMPLES = 2048  # records per source and phase tokenized for unit: tokens (that phase's draws)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,14 +270,7 @@ def _split(
     `carry` holds each source's ideal minus its samples in the earlier phases: a source rounded up
     in one phase is owed less in the next (rounding each phase alone gave the same source the extra
     sample every time: two sources of 3 and phases of 3 + 3 drew 4 of one and 2 of the other)."""
-    members = [s.name for s in spec.sources if s.group == group.name]
-    if group.split == "equal":
-        weights = [1] * len(members)
-    elif group.split == "explicit":
-        shares = dict(group.shares)
-        weights = [shares[m] for m in members]
-    else:
-        weights = [catalogs[m].size for m in members]
+    members, weights = _split_weights(spec, group, catalogs)
     carry = {} if carry is None else carry
     total = sum(Fraction(w) for w in weights)
     ideal = {m: amount * Fraction(w) / total + carry.get(m, 0) for m, w in zip(members, weights, strict=True)}
@@ -286,6 +279,17 @@ def _split(
     for m, c in zip(members, counts, strict=True):
         carry[m] = ideal[m] - c
     return dict(zip(members, counts, strict=True))
+
+
+def _split_weights(spec: MixtureSpec, group, catalogs: dict[str, Catalog]) -> tuple[list[str], list]:
+    """A group's sources and their relative weights: their sizes, equal, or the explicit shares."""
+    members = [s.name for s in spec.sources if s.group == group.name]
+    if group.split == "equal":
+        return members, [1] * len(members)
+    if group.split == "explicit":
+        shares = dict(group.shares)
+        return members, [shares[m] for m in members]
+    return members, [catalogs[m].size for m in members]
 
 
 def _most_feasible(group, members: list[str], catalogs: dict[str, Catalog], shares: dict[str, float]) -> int:
@@ -432,32 +436,29 @@ def make_plan(spec: MixtureSpec) -> Plan:
         )
     over = [n for n, c in counts.items() if c > catalogs[n].size]
     if over and spec.repetition == "error":
-        for name in over:
-            src = next(s for s in spec.sources if s.name == name)
-            asks = [(ph, dict(pp.counts)[name]) for ph, pp in zip(spec.phases, phases, strict=True)]
-            asks = [(ph, c) for ph, c in asks if c]
-            if len(asks) == 1 and not multi and spec.unit == "samples":
-                g = next(g for g in spec.groups if g.name == src.group)
-                amount = dict(phases[0].groups)[g.name]
-                most = _most_feasible(g, [s.name for s in spec.sources if s.group == g.name], catalogs, dict(g.shares))
-                field = f"groups.{g.name}.count" if spec.total is None else f"total (or groups.{g.name}.weight)"
+        if not multi and spec.unit == "samples":  # one amount per group: say how far to lower it
+            for g in spec.groups:
                 members = [s.name for s in spec.sources if s.group == g.name]
+                if not any(n in over for n in members):
+                    continue
+                most = _most_feasible(g, members, catalogs, dict(g.shares))
+                field = f"groups.{g.name}.count" if spec.total is None else f"total (or groups.{g.name}.weight)"
                 detail = ", ".join(
                     f"{n} needs {counts[n]:,} of {catalogs[n].size:,}{_shortfall(catalogs[n])}"
                     for n in members
                     if n in over
                 )
-                if name != next(n for n in members if n in over):
-                    continue  # one line per group
                 problems.append(
-                    f"{field}: group {g.name} asks for {amount:,} samples but {detail}; lower it to at most "
-                    f"{most:,}, add sources to group {g.name}, or set repetition: allow"
+                    f"{field}: group {g.name} asks for {dict(phases[0].groups)[g.name]:,} samples but {detail}; "
+                    f"lower it to at most {most:,}, add sources to group {g.name}, or set repetition: allow"
                 )
-            else:
-                per = ", ".join(f"{c:,} in {ph.name}" for ph, c in asks)
+        else:
+            for name in over:
+                group = next(s.group for s in spec.sources if s.name == name)
+                per = ", ".join(f"{c:,} in {p.name}" for p in phases if (c := dict(p.counts)[name]))
                 problems.append(
-                    f"phases: source {name} (group {src.group}) is drawn {counts[name]:,} times ({per}) but has "
-                    f"{catalogs[name].size:,} samples{_shortfall(catalogs[name])}; lower group {src.group}'s "
+                    f"phases: source {name} (group {group}) is drawn {counts[name]:,} times ({per}) but has "
+                    f"{catalogs[name].size:,} samples{_shortfall(catalogs[name])}; lower group {group}'s "
                     "amounts in these phases, add sources to it, or set repetition: allow"
                 )
     if problems:
@@ -592,11 +593,7 @@ def _overall_mean(source: str, phases: list[PhasePlan]) -> float:
 
 def _group_mean(spec: MixtureSpec, group, catalogs: dict[str, Catalog], per_sample: dict[str, float]) -> float:
     """Mean tokens per sample of a group's draws, its sources weighted as its split weights them."""
-    members = [s.name for s in spec.sources if s.group == group.name]
-    weights = dict(group.shares) if group.split == "explicit" else None
-    w = [
-        1.0 if group.split == "equal" else (weights[n] if weights else catalogs[n].size) for n in members
-    ]  # fmt: skip
+    members, w = _split_weights(spec, group, catalogs)
     return sum(wi * per_sample[n] for wi, n in zip(w, members, strict=True)) / sum(w)
 
 

@@ -190,8 +190,7 @@ def _amount_problems(groups: tuple[GroupSpec, ...], total: int | None, where: st
     if modes == {"weight"} and total is None:
         return [
             f"{where}total: groups give weights but the {'phase' if where else 'spec'} has no total; "
-            "add e.g. total: 1M, or give "
-            "each group a count instead"
+            "add e.g. total: 1M, or give each group a count instead"
         ]
     if modes == {"count"} and total is not None:
         return [f"{where}total: only allowed with weights; with counts the total is their sum, remove total"]

@@ -77,6 +77,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             )
         self.plan = plan
         self.schedule = make_schedule(plan, global_batch_size)
+        self._phases = [p.name for p in plan.phase_plans() if p.total]  # index: Schedule.slot_phases
         self.global_batch_size = int(global_batch_size)
         self.rank, self.world_size = rank, world_size
         self.with_tokens = with_tokens
@@ -205,8 +206,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         of the slowest rank, and a global batch mixes 60-token generation samples with
         thousand-token conversations. Either way the global batch holds the same samples."""
         src, draw = batch_slots(self.plan, self.schedule, k)
-        phases = [p.name for p in self.plan.phase_plans() if p.total]
-        slot_phase = self.schedule.slot_phases(k, src, draw) if len(phases) > 1 else None
+        slot_phase = self.schedule.slot_phases(k, src, draw) if len(self._phases) > 1 else None
         bins = self.world_size * self.micro_batches
         if self.balance and bins > 1:
             shards, positions = locate(self.plan, src, draw)
@@ -232,7 +232,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
             sp = self.plan.sources[s]
             item = {"index": start + i, "source": sp.name, "group": sp.group}
             if slot_phase is not None:
-                item["phase"] = phases[int(slot_phase[i])]
+                item["phase"] = self._phases[int(slot_phase[i])]
             try:
                 record = readers[s].record(shard, pos)
                 item.update(id=record["id"], record=record)

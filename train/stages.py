@@ -55,8 +55,8 @@ def train_in_stages(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
     dist = init_distributed()
     global_batch = cfg.micro_batch_size * dist.world_size * cfg.grad_accum
     run = Path(cfg.output_dir)
-    plan = make_source(cfg.data, global_batch, cfg.model, run / "plan").plan
-    done = first_stage2_step(cfg, global_batch, plan)
+    source = make_source(cfg.data, global_batch, cfg.model, run / "plan")  # planned once, for both stages
+    done = first_stage2_step(cfg, global_batch, source.plan)
     first, export = run / "stage1", run / "stage1" / "export"
     if not (export / "vpit.json").is_file():
         one = dataclasses.replace(
@@ -70,7 +70,7 @@ def train_in_stages(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
             eval_every=0,
             eval_at_end=False,
         )
-        trainer = Trainer(one, resume=resume)
+        trainer = Trainer(one, source=source, resume=resume)
         summary = trainer.train()
         del trainer  # its engine's buffers go before stage 2 builds its own
         gc.collect()
@@ -91,4 +91,4 @@ def train_in_stages(cfg: TrainConfig, resume: bool) -> dict[str, Any]:
     two = dataclasses.replace(
         cfg, stage=2, stage2_from_phase=None, model=dataclasses.replace(cfg.model, init_from=str(export))
     )
-    return Trainer(two, resume=resume, start_step=done).train()
+    return Trainer(two, source=source, resume=resume, start_step=done).train()

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -423,11 +424,8 @@ class Trainer:
         """Rank 0's list of per-rank logs of ranks this world does not have."""
         if self.dist.rank != 0:
             return []
-        return [
-            p
-            for p in self.run_dir.glob("*-rank*.jsonl")
-            if p.stem.rsplit("-rank", 1)[1].isdigit() and int(p.stem.rsplit("-rank", 1)[1]) >= self.dist.world_size
-        ]
+        ranks = ((p, re.search(r"-rank(\d+)\.jsonl$", p.name)) for p in self.run_dir.glob("*-rank*.jsonl"))
+        return [p for p, m in ranks if m and int(m.group(1)) >= self.dist.world_size]
 
     def _write_run_files(self) -> None:
         """What `vpit export` needs besides the checkpoint: config, tokenizer, LLM config."""

@@ -285,9 +285,9 @@ def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
     Loading a model frees many tensors of a few MB each; glibc serves those from its heap and keeps
-    the freed pages, so a process holds GBs it no longer uses. Measured on the sharded 0.54B load
-    of bench/rehearsal.py: 2.1-2.5 GB held per rank after from_pretrained, 1.65 GB after a trim,
-    and the next step's peak (the embedding resize) 0.9 GB lower."""
+    the freed pages, so a process holds GBs it no longer uses. Measured (a probe, world 2) on the
+    sharded load of bench/rehearsal.py's 0.54B LLM: 2.1-2.5 GB held per rank after from_pretrained,
+    1.65 GB after a trim, and the next step's peak (the embedding resize) 0.9 GB lower."""
     import ctypes
     import ctypes.util
 

@@ -54,19 +54,13 @@ def random_phased(rng: np.random.Generator, repeat: bool):
 
 
 def phase_draws(plan, schedule):
-    """Per phase: [(batch, source, draw)], splitting straddling batches by the phase segments
-    (a source's earlier draws in a batch belong to the earlier phase)."""
-    per_batch_seen = {}
-    out = []
-    for first, seg in schedule.segments:
-        rows = []
-        for j, counts in enumerate(seg):
-            k = first + j
-            seen = per_batch_seen.setdefault(k, schedule.draws[k].copy())
-            for s, c in enumerate(counts):
-                rows += [(k, s, int(d)) for d in range(seen[s], seen[s] + c)]
-                seen[s] += c
-        out.append(rows)
+    """Per phase with samples: [(batch, source, draw)] of the slots the schedule tags with it
+    (`Schedule.slot_phases`, what the stream names each item's phase by)."""
+    out = [[] for p in plan.phase_plans() if p.total]
+    for k in range(schedule.num_batches):
+        src, draw = batch_slots(plan, schedule, k)
+        for p, s, d in zip(schedule.slot_phases(k, src, draw).tolist(), src.tolist(), draw.tolist(), strict=True):
+            out[p].append((k, s, d))
     return out
 
 
@@ -84,29 +78,24 @@ def test_random_phased_plans_keep_every_promise_per_phase(case):
     seq = [(k, int(s), int(d)) for k in range(schedule.num_batches) for s, d in zip(*batch_slots(plan, schedule, k))]
     assert sorted(seq) == sorted(r for rows in per_phase for r in rows)
     assert len(seq) == plan.total
-    # and each slot knows its phase (what the stream tags items with)
-    tagged = Counter()
-    for k in range(schedule.num_batches):
-        src, draw = batch_slots(plan, schedule, k)
-        tagged.update(zip(schedule.slot_phases(k, src, draw).tolist(), (names[s] for s in src.tolist())))
-    live = [p for p in phases if p.total]
-    assert {(i, n): c for (i, n), c in tagged.items()} == {
-        (i, n): c for i, p in enumerate(live) for n, c in p.counts if c
-    }
 
     start = 0
     for phase, rows, (first, seg) in zip(phases, per_phase, schedule.segments, strict=True):
         # exact totals per phase and per source
         got = Counter(names[s] for _, s, _ in rows)
         assert {n: got[n] for n in names} == dict(phase.counts), phase.name
-        # per-batch bound within the phase, its boundary segments included
+        # per-batch bound within the phase, its boundary segments included: counted from the
+        # slots tagged with the phase, batch by batch
         end = start + phase.total
         cuts = [start, *range((start // batch + 1) * batch, -(-end // batch) * batch, batch), end]
         sizes = np.diff(cuts)
+        in_batch = Counter(k - first for k, _, _ in rows)
         assert first == start // batch and (seg.sum(axis=1) == sizes).all()
+        assert [in_batch[j] for j in range(len(sizes))] == sizes.tolist()
         for g, n_g in phase.groups:
-            members = [i for i, s in enumerate(plan.sources) if s.group == g]
-            counts = seg[:, members].sum(axis=1)
+            members = {i for i, s in enumerate(plan.sources) if s.group == g}
+            per_batch = Counter(k - first for k, s, _ in rows if s in members)
+            counts = np.array([per_batch[j] for j in range(len(sizes))])
             ideal = sizes * n_g / phase.total
             assert (counts >= np.floor(ideal)).all() and (counts <= np.ceil(ideal)).all(), (phase.name, g)
             assert (np.abs(np.cumsum(counts) - np.cumsum(sizes) * n_g / phase.total) < 1).all()
@@ -139,6 +128,9 @@ def test_segment_schedules_for_any_segment_sizes(case):
         sizes.append(min(int(rng.integers(1, 90)), total - sum(sizes)))
     out = segment_schedule(n.tolist(), sizes)
     assert out.sum(axis=0).tolist() == n.tolist() and out.sum(axis=1).tolist() == sizes
+    ideal = np.asarray(sizes)[:, None] * n[None, :] / total
+    assert (out >= np.floor(ideal)).all() and (out <= np.ceil(ideal)).all()
+    assert (np.abs(np.cumsum(out, axis=0) - np.cumsum(ideal, axis=0)) < 1).all()
 
 
 def test_a_phase_within_one_batch_and_a_batch_over_three_phases():
