@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vpit import storage
 from vpit.errors import ConfigError
 from vpit.pipelines.open_files import DEFAULT_OPEN_SHARDS, OpenFiles
 from vpit.pipelines.sample import KINDS
 from vpit.pipelines.shard_index import heldout_hash, load_catalog_arrays, load_shard_arrays
-from vpit.pipelines.shards import load_manifest, open_tar
+from vpit.pipelines.shards import load_manifest, open_tar, read_records_parquet, records_path
 from vpit.records import Record
 
 __all__ = ["Catalog", "RecordReader", "build_catalog", "heldout_threshold", "is_heldout"]
@@ -41,8 +42,8 @@ __all__ = ["Catalog", "RecordReader", "build_catalog", "heldout_threshold", "is_
 class Catalog:
     """The eligible samples of one source, numbered in dataset order."""
 
-    root: Path
-    """Dataset folder."""
+    root: str | Path
+    """Dataset folder, or its URL on object storage."""
     shard_names: tuple[str, ...]
     """Shard names in manifest order."""
     shard_starts: np.ndarray
@@ -53,6 +54,8 @@ class Catalog:
     """Hash of the shards' checksums and the filter: what the numbering depends on."""
     kinds: dict[str, int]
     """Samples per kind in the whole dataset (for messages)."""
+    shard_versions: tuple[str, ...] = ()
+    """Each shard's tar_sha256: names the content of a remote shard's files in the node cache."""
 
     @property
     def size(self) -> int:
@@ -97,10 +100,10 @@ def build_catalog(
     split, named by `held_key`) replaces the id hash. `drop` (a bool per sample: duplicates the
     spec's `dedup` leaves out) removes samples from the training split.
     """
-    root = Path(root)
-    manifest = load_manifest(root) if root.is_dir() else None
+    root = storage.as_root(root)
+    manifest = load_manifest(root) if storage.is_remote(root) or root.is_dir() else None
     if manifest is None:
-        why = "does not exist" if not root.exists() else "holds no manifest.json"
+        why = "holds no manifest.json" if storage.is_remote(root) or root.exists() else "does not exist"
         raise ConfigError(f"{where}: {root} {why}; point it at a dataset folder written by vpit ingest")
     if not manifest.get("complete", True):
         raise ConfigError(
@@ -144,11 +147,18 @@ def build_catalog(
         picks=picks,
         fingerprint=h,
         kinds=dict(manifest.get("kinds", {})),
+        shard_versions=tuple(s["tar_sha256"] for s in shards),
     )
 
 
 class RecordReader:
-    """Thread-safe random reads of sample JSON records from one dataset's shards."""
+    """Thread-safe random reads of sample JSON records from one dataset's shards.
+
+    From a local dataset: one pread per record from the tar. From object storage: the shard's
+    records parquet (a few percent of the tar: no images) comes whole through the node cache and
+    is held while the shard is open; a shard written before records files existed falls back
+    to its tar, fetched whole the same way.
+    """
 
     def __init__(
         self,
@@ -156,10 +166,13 @@ class RecordReader:
         shard_names: tuple[str, ...],
         open_shards: int = DEFAULT_OPEN_SHARDS,
         files: OpenFiles | None = None,
+        versions: tuple[str, ...] = (),
     ):
-        """`files`: an LRU shared with other readers (closed by its owner); default: one of our own."""
-        self.root = Path(root)
+        """`files`: an LRU shared with other readers (closed by its owner); default: one of our own.
+        `versions`: each shard's tar_sha256 (`Catalog.shard_versions`), for the node cache."""
+        self.root = storage.as_root(root)
         self.names = shard_names
+        self.versions = versions
         self.own = files is None
         self.files = OpenFiles(capacity=open_shards) if files is None else files
 
@@ -168,22 +181,32 @@ class RecordReader:
 
     def _open(self, shard: int):
         name = self.names[shard]
-        arrays = load_shard_arrays(self.root, name)
-        return open_tar(self.root / "shards" / f"{name}.tar", arrays.tar_bytes), arrays
+        version = self.versions[shard] if self.versions else ""
+        arrays = load_shard_arrays(self.root, name, version)
+        if storage.is_remote(self.root):
+            try:
+                records = read_records_parquet(storage.local_file(self.root, records_path(name), version))
+                return None, (arrays, records)
+            except FileNotFoundError:
+                pass
+        tar = storage.local_file(self.root, f"shards/{name}.tar", version)
+        return open_tar(tar, arrays.tar_bytes), (arrays, None)
 
     def record(self, shard: int, position: int) -> Record:
-        with self._use(shard) as (fd, arrays):
+        with self._use(shard) as (fd, (arrays, records)):
+            if records is not None:
+                return json.loads(records[position])
             offset, size = arrays.json[position]
             return json.loads(os.pread(fd, int(size), int(offset)))
 
     def sample_id(self, shard: int, position: int) -> str:
         """The sample's id from the index alone (no tar read)."""
-        with self._use(shard) as (_, arrays):
+        with self._use(shard) as (_, (arrays, _)):
             return arrays.sample_id(position)
 
     def cost(self, shard: int, position: int, m: int) -> int:
         """Estimated tokens of a sample from the index alone: JSON bytes / 4 + images x (m + 2)."""
-        with self._use(shard) as (_, arrays):
+        with self._use(shard) as (_, (arrays, _)):
             images = int(arrays.image_start[position + 1] - arrays.image_start[position])
             return int(arrays.json[position, 1]) // 4 + images * (m + 2)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpit import storage
 from vpit.errors import ConfigError
 from vpit.mixtures.catalog import RecordReader, build_catalog, heldout_threshold
 from vpit.mixtures.spec import MixtureSpec
@@ -60,7 +61,7 @@ class ImageSplit:
         rows = []
         by_root = {r["dataset"]: r for r in self.report}
         for src in spec.sources:
-            root = Path(src.path).resolve()
+            root = storage.as_root(src.path)
             c, held = self.columns[root], self.masks[root]
             mine = np.ones(len(held), bool) if src.kind is None else c["kind"] == KINDS.index(src.kind)
             rows.append(
@@ -129,7 +130,7 @@ _CACHE: dict[tuple, object] = {}
 
 
 def mixture_images(spec: MixtureSpec) -> MixtureImages:
-    roots = list(dict.fromkeys(Path(s.path).resolve() for s in spec.sources))
+    roots = list(dict.fromkeys(storage.as_root(s.path) for s in spec.sources))
     manifests = []
     for root in roots:
         manifest = load_manifest(root) if root.is_dir() else None
@@ -227,7 +228,7 @@ def duplicate_masks(spec: MixtureSpec, held: dict[Path, np.ndarray]) -> tuple[di
     start = 0
     for root, n in zip(m.roots, m.sizes, strict=True):
         for src in spec.sources:
-            if Path(src.path).resolve() == root:
+            if storage.as_root(src.path) == root:
                 kinds = m.kind[start : start + n]
                 drawable[start : start + n] |= True if src.kind is None else kinds == KINDS.index(src.kind)
         start += n
@@ -266,7 +267,7 @@ def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[
     items: list[StreamItem] = []
     split, masks = split_masks(spec)
     for s in spec.sources:
-        root = Path(s.path).resolve()
+        root = storage.as_root(s.path)
         cat = build_catalog(
             s.path,
             s.kind,
@@ -279,7 +280,7 @@ def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[
         n = cat.size if max_per_source is None else min(cat.size, max_per_source)
         picks = np.unique(np.linspace(0, cat.size - 1, n).round().astype(np.int64)) if n else np.zeros(0, np.int64)
         shards, positions = cat.locate(picks)
-        reader = RecordReader(cat.root, cat.shard_names)
+        reader = RecordReader(cat.root, cat.shard_names, versions=cat.shard_versions)
         cache = None
         if spec.cache:
             from vpit.pipelines.token_cache import TokenCache

@@ -39,7 +39,9 @@ def group_counts(plan: Plan, schedule: Schedule) -> np.ndarray:
 def lineage_ids(plan: Plan, batch_size: int, start: int = 0, stop: int | None = None):
     """Yield (step, [sample ids]) for global batches [start, stop), from the shard indexes (no tar reads)."""
     schedule = make_schedule(plan, batch_size)
-    readers = [RecordReader(s.catalog.root, s.catalog.shard_names) for s in plan.sources]
+    readers = [
+        RecordReader(s.catalog.root, s.catalog.shard_names, versions=s.catalog.shard_versions) for s in plan.sources
+    ]
     try:
         for k in range(start, schedule.num_batches if stop is None else min(stop, schedule.num_batches)):
             src, draw = batch_slots(plan, schedule, k)

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from vpit import storage
 from vpit.errors import ConfigError, InputError
 from vpit.mixtures.spec import HELDOUT_BY, UNITS, GroupSpec, MixtureSpec, PhaseSpec, SourceSpec, parse_count
 
@@ -73,7 +74,7 @@ def _normalise(data: dict[str, Any], folder: Path) -> dict[str, Any]:
         sources = {}
         for name, src in data["sources"].items():
             if isinstance(src, dict) and isinstance(src.get("path"), str):
-                src = dict(src, path=str((folder / src["path"]).resolve()))
+                src = dict(src, path=str(storage.as_root(src["path"], folder)))  # a URL stays as it is
             sources[name] = src
         data["sources"] = sources
     return data
@@ -142,7 +143,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], folder: Pat
         if keys[-2:-1] == ["groups"] and value is not None and not isinstance(value, dict):
             value = {"count": value}  # `groups.generation: 200k` like the YAML shorthand
         if keys[0] == "sources" and keys[-1] == "path" and isinstance(value, str):
-            value = str((folder / value).resolve())
+            value = str(storage.as_root(value, folder))
         if value is None:
             node.pop(keys[-1], None)
         else:
@@ -216,7 +217,8 @@ def spec_from_dict(data: dict[str, Any], origin: str = "<spec>") -> MixtureSpec:
             p.check(kind is None or isinstance(kind, str), f"{where}.kind: expected a kind name, got {kind!r}")
             try:
                 if isinstance(src.get("path"), str) and isinstance(src.get("group"), str):
-                    sources.append(SourceSpec(name=str(name), path=Path(src["path"]), group=src["group"], kind=kind))
+                    path = storage.as_root(src["path"])
+                    sources.append(SourceSpec(name=str(name), path=path, group=src["group"], kind=kind))
             except ValueError as e:
                 p.append(str(e))
 

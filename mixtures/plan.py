@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpit import storage
 from vpit.common import text_table
 from vpit.errors import ConfigError
 from vpit.mixtures.catalog import Catalog, RecordReader, build_catalog, heldout_threshold
@@ -331,7 +332,7 @@ def _estimate(name: str, catalog: Catalog, count: int, seed: int) -> tuple[int, 
 
     n = min(ESTIMATE_SAMPLES, catalog.size)
     shards, positions = catalog.locate(source_items(seed, name, catalog.size, np.arange(n)))
-    reader = RecordReader(catalog.root, catalog.shard_names)
+    reader = RecordReader(catalog.root, catalog.shard_names, versions=catalog.shard_versions)
     records = []
     try:
         for s, p in zip(shards, positions, strict=True):
@@ -354,7 +355,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
     grouping, masks = None, {}
     # A source folder without a complete manifest is reported by build_catalog below, with its fix;
     # with every folder a dataset, a failure of the image split or of dedup is an error of its own.
-    readable = all((m := load_manifest(Path(s.path))) and m.get("complete", True) for s in spec.sources)
+    readable = all((m := load_manifest(s.path)) and m.get("complete", True) for s in spec.sources)
     if spec.heldout > 0 and readable:
         from vpit.mixtures.heldout import split_masks
 
@@ -374,7 +375,7 @@ def make_plan(spec: MixtureSpec) -> Plan:
                 start += n
         drops, dropped = duplicate_masks(spec, held_for_dedup)
     for s in spec.sources:
-        root = Path(s.path).resolve()
+        root = storage.as_root(s.path)
         try:
             catalogs[s.name] = build_catalog(
                 s.path,
@@ -532,7 +533,7 @@ class _TokenCounter:
         todo = [i for i in dict.fromkeys(items) if (source, i) not in self.counted]
         if todo:
             shards, positions = catalog.locate(np.asarray(todo))
-            reader = RecordReader(catalog.root, catalog.shard_names)
+            reader = RecordReader(catalog.root, catalog.shard_names, versions=catalog.shard_versions)
             try:
                 for i, sh, p in zip(todo, shards.tolist(), positions.tolist(), strict=True):
                     try:
@@ -653,6 +654,7 @@ def save_plan(plan: Plan, folder: str | Path) -> Path:
                 "tokens_per_sample": s.tokens_per_sample,
                 "root": str(c.root),
                 "shard_names": list(c.shard_names),
+                "shard_versions": list(c.shard_versions),
                 "fingerprint": c.fingerprint,
                 "kinds": c.kinds,
                 "picks": c.picks is not None,
@@ -691,8 +693,9 @@ def load_plan(folder: str | Path, spec: MixtureSpec) -> Plan:
     for i, s in enumerate(meta["sources"]):
         picks = np.load(folder / f"source-{i}.picks.npy", mmap_mode="r", allow_pickle=False) if s["picks"] else None
         catalog = Catalog(
-            root=Path(s["root"]),
+            root=storage.as_root(s["root"]),
             shard_names=tuple(s["shard_names"]),
+            shard_versions=tuple(s.get("shard_versions", ())),
             shard_starts=np.load(folder / f"source-{i}.starts.npy", allow_pickle=False),
             picks=picks,
             fingerprint=s["fingerprint"],

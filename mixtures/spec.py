@@ -108,8 +108,9 @@ class SourceSpec:
 
     name: str
     """Unique source name; appears in reports, plan tables and dotted overrides."""
-    path: Path
-    """Dataset folder (holds manifest.json); relative paths in YAML are relative to the YAML file."""
+    path: Path | str
+    """Dataset folder (holds manifest.json), or its URL on object storage (s3://, gs://, hf://);
+    relative paths in YAML are relative to the YAML file."""
     group: str
     """The group this source's samples count towards (e.g. understanding, generation)."""
     kind: str | None = None

@@ -163,7 +163,10 @@ class MixtureStream(torch.utils.data.IterableDataset):
         # One LRU of open tars and one of open token files for all sources: the bound on open
         # files holds per loader process, however many sources the mixture has.
         tars, token_files = OpenFiles(), OpenFiles()
-        readers = [RecordReader(s.catalog.root, s.catalog.shard_names, files=tars) for s in self.plan.sources]
+        readers = [
+            RecordReader(s.catalog.root, s.catalog.shard_names, versions=s.catalog.shard_versions, files=tars)
+            for s in self.plan.sources
+        ]
         caches = self._open_caches(token_files) if self.with_tokens else None
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vpit-mix-read")
         pending: deque = deque()
@@ -195,7 +198,12 @@ class MixtureStream(torch.utils.data.IterableDataset):
         # verified: the planner checked every shard of every cache once for the whole run
         return [
             TokenCache(
-                s.catalog.root, self.plan.spec.cache, shard_names=s.catalog.shard_names, verified=True, files=files
+                s.catalog.root,
+                self.plan.spec.cache,
+                shard_names=s.catalog.shard_names,
+                verified=True,
+                files=files,
+                versions=s.catalog.shard_versions,
             )
             for s in self.plan.sources
         ]

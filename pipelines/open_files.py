@@ -34,6 +34,11 @@ class _Entry:
         self.fd, self.value, self.users, self.evicted = fd, value, 0, False
 
 
+def _close(fd: int | None) -> None:
+    if fd is not None:  # None: an entry held in memory only (a remote shard's records)
+        os.close(fd)
+
+
 class OpenFiles:
     """LRU of (fd, value) pairs made by `opener(key) -> (fd, value)`; fds closed on eviction.
     Several readers can share one (the training stream gives all its sources one for tars and
@@ -77,7 +82,7 @@ class OpenFiles:
                     self.opened += 1
                     self._evict()
                 else:  # another thread opened it meanwhile
-                    os.close(fd)
+                    _close(fd)
                     self._entries.move_to_end(key)
                 entry.users += 1
         try:
@@ -86,21 +91,21 @@ class OpenFiles:
             with self._lock:
                 entry.users -= 1
                 if entry.evicted and entry.users == 0:
-                    os.close(entry.fd)
+                    _close(entry.fd)
 
     def _evict(self) -> None:
         while len(self._entries) > self.capacity:
             _, old = self._entries.popitem(last=False)
             old.evicted = True
             if old.users == 0:
-                os.close(old.fd)
+                _close(old.fd)
 
     def close(self) -> None:
         with self._lock:
             for entry in self._entries.values():
                 entry.evicted = True
                 if entry.users == 0:
-                    os.close(entry.fd)
+                    _close(entry.fd)
             self._entries.clear()
 
     def __del__(self):  # a stream dropped without close() must not leak descriptors

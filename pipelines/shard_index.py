@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpit import storage
 from vpit.common import save_json_atomic
 from vpit.errors import InputError
 from vpit.pipelines.sample import KINDS
@@ -127,12 +128,13 @@ def write_index_arrays(root: Path, name: str, arrays: ShardArrays) -> None:
     os.replace(tmp, path)
 
 
-def load_shard_arrays(root: str | Path, name: str) -> ShardArrays:
-    """A shard's binary index; from its JSON index when the binary one is absent (older datasets)."""
-    root = Path(root)
-    path = _npz_path(root, name)
+def load_shard_arrays(root: str | Path, name: str, version: str = "") -> ShardArrays:
+    """A shard's binary index; from its JSON index when the binary one is absent (older datasets).
+    A remote dataset's index comes through the node cache (`version`: the shard's tar_sha256)."""
+    root = storage.as_root(root)
+    path = f"shards/{name}.idx.npz"
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(storage.local_file(root, path, version), allow_pickle=False) as z:
             fields = {f.name: z[f.name] for f in dataclasses.fields(ShardArrays) if f.name in z.files}
         missing = {f.name for f in dataclasses.fields(ShardArrays)} - set(fields) - set(_ADDED)
         if missing:
@@ -140,16 +142,18 @@ def load_shard_arrays(root: str | Path, name: str) -> ShardArrays:
         for name in _ADDED:  # an index written before the column existed: unknown (0) per image
             fields.setdefault(name, np.zeros(len(fields["images"]), dtype=np.uint64))
     except FileNotFoundError:
-        json_path = root / "shards" / f"{name}.idx.json"
+        json_path = storage.join(root, "shards", f"{name}.idx.json")
         try:
-            return index_arrays(json.loads(json_path.read_text(encoding="utf-8")))
+            return index_arrays(json.loads(storage.read_bytes(root, f"shards/{name}.idx.json").decode("utf-8")))
         except FileNotFoundError:
             raise InputError(
                 f"{json_path} is missing: the shard's index is gone; re-run the ingest command that wrote "
                 f"{root} (it redoes shards without an index)"
             ) from None
     except (ValueError, KeyError, OSError) as e:
-        raise InputError(f"{path}: not a readable shard index ({e}); delete it and re-run the ingest") from None
+        raise InputError(
+            f"{storage.join(root, path)}: not a readable shard index ({e}); delete it and re-run the ingest"
+        ) from None
     fields["tar_bytes"] = int(fields["tar_bytes"])
     return ShardArrays(**fields)
 
@@ -165,13 +169,13 @@ def _shards_digest(shards: list[ShardEntry]) -> str:
     return hashlib.sha256(json.dumps([(s["name"], s["tar_sha256"]) for s in shards]).encode()).hexdigest()
 
 
-def _concatenate(root: Path, shard_names: list[str], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _concatenate(root: str | Path, shards: list[ShardEntry], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The shards' columns end to end: per-sample ones (kind, id_hash), per-image ones
     (image_sha, image_dhash), image_start renumbered to global image rows, and shard_starts."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns if c != "image_start"}
     starts, image_start, rows = [0], [np.zeros(1, np.int64)], 0
-    for name in shard_names:
-        arrays = load_shard_arrays(root, name)
+    for entry in shards:
+        arrays = load_shard_arrays(root, entry["name"], entry.get("tar_sha256", ""))
         for c in parts:
             parts[c].append(np.asarray(getattr(arrays, c)))
         image_start.append(rows + np.asarray(arrays.image_start[1:], dtype=np.int64))
@@ -191,7 +195,7 @@ def build_catalog_arrays(root: str | Path, shards: list[ShardEntry]) -> None:
     out = root / CATALOG_DIR
     out.mkdir(exist_ok=True)
     (out / "catalog.json").unlink(missing_ok=True)  # written last: its presence marks the arrays whole
-    for c, arr in _concatenate(root, [s["name"] for s in shards], ALL_COLUMNS).items():
+    for c, arr in _concatenate(root, shards, ALL_COLUMNS).items():
         tmp = out / f"{c}.tmp.npy"
         np.save(tmp, arr, allow_pickle=False)
         os.replace(tmp, out / f"{c}.npy")
@@ -205,27 +209,29 @@ def load_catalog_arrays(
     dataset ingested before catalogs existed) they are built from the shard indexes: written to
     ROOT/catalog with `write` (what ingest does), else in memory only (planning writes nothing;
     re-running the dataset's ingest command writes them once)."""
-    root = Path(root)
-    out = root / CATALOG_DIR
+    root = storage.as_root(root)
     wanted = ("shard_starts", *columns)
     meta = {"kinds": list(KINDS), "shards": _shards_digest(shards)}
 
     def load() -> dict[str, np.ndarray] | None:
         try:
-            if json.loads((out / "catalog.json").read_text(encoding="utf-8")) != meta:
+            if json.loads(storage.read_bytes(root, f"{CATALOG_DIR}/catalog.json")) != meta:
                 return None
-            return {c: np.load(out / f"{c}.npy", allow_pickle=False, mmap_mode="r") for c in wanted}
+            return {
+                c: np.load(
+                    storage.local_file(root, f"{CATALOG_DIR}/{c}.npy", meta["shards"]),
+                    allow_pickle=False,
+                    mmap_mode="r",
+                )
+                for c in wanted
+            }
         except (FileNotFoundError, ValueError):
             return None
 
     arrays = load()
     if arrays is None:
         if not write:
-            return _in_memory(root, [s["name"] for s in shards], wanted)
+            return _concatenate(root, shards, columns)
         build_catalog_arrays(root, shards)
         arrays = load()
     return arrays
-
-
-def _in_memory(root: Path, shard_names: list[str], wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
-    return _concatenate(root, shard_names, wanted[1:])

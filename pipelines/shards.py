@@ -7,6 +7,9 @@ Layout of a dataset folder:
     quarantine.jsonl              every rejected raw record (rebuilt from the parts below)
     shards/shard-000000.tar       plain WebDataset tar: KEY.json, KEY.img0.jpg, ...
     shards/shard-000000.idx.npz   the same offsets as compact arrays (what loaders read)
+    shards/shard-000000.records.parquet  the JSON members alone (key, id, kind, json), row p =
+                                  sample p: what a training node fetches from object storage
+                                  instead of the image tar
     shards/shard-000000.idx.json  offset and size of every member, written last
     quarantine/shard-000000.jsonl this shard's rejections
     catalog/*.npy                 per-sample kind and held-out hash of the whole dataset (planning)
@@ -27,6 +30,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from vpit import storage
 from vpit.common import save_json_atomic
 from vpit.errors import InputError
 from vpit.pipelines.image_hash import dhash
@@ -41,7 +45,10 @@ __all__ = [
     "ShardReader",
     "load_manifest",
     "open_tar",
+    "read_records_parquet",
+    "records_path",
     "shard_name",
+    "write_records_parquet",
     "write_shard",
 ]
 
@@ -74,11 +81,12 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
     name = shard_name(index)
     tar_path = shard_dir / f"{name}.tar"
     tmp_path = shard_dir / f"{name}.tar.tmp"
-    entries, image_sha, image_dhash = [], [], []
+    entries, image_sha, image_dhash, records = [], [], [], []
     with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, sample in samples:
             record = dict(sample.record, key=key)
-            _add_member(tar, f"{key}.json", json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+            records.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
+            _add_member(tar, f"{key}.json", records[-1].encode())
             for entry, data in zip(record["images"], sample.images, strict=True):
                 _add_member(tar, f"{key}.{entry['member']}", data)
             entries.append({"key": key, "id": record["id"], "kind": record["kind"]})
@@ -104,22 +112,55 @@ def write_shard(root: Path, index: int, samples: Iterable[tuple[str, Sample]]) -
         "kinds": dict(sorted(Counter(e["kind"] for e in entries).items())),
         "samples": entries,
     }
+    write_records_parquet(shard_dir / f"{name}.records.parquet", records)
     write_index_arrays(root, name, index_arrays(idx, image_sha, image_dhash))  # the compact index loaders read
     save_json_atomic(shard_dir / f"{name}.idx.json", idx)  # last: marks the shard whole
     return idx
 
 
+def records_path(name: str) -> str:
+    """A shard's records file, relative to the dataset root."""
+    return f"shards/{name}.records.parquet"
+
+
+def write_records_parquet(path: Path, records: list[str]) -> None:
+    """The shard's JSON members, byte for byte, one row per sample in shard order. Parquet so
+    that Ray Data, `datasets` and pandas read it as they are; the readable columns (key, id,
+    kind) are for them, training reads `json`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parsed = [json.loads(r) for r in records]
+    table = pa.table(
+        {
+            "key": pa.array([r["key"] for r in parsed], pa.string()),
+            "id": pa.array([r["id"] for r in parsed], pa.string()),
+            "kind": pa.array([r["kind"] for r in parsed], pa.string()),
+            "json": pa.array(records, pa.string()),
+        }
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def read_records_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["json"]).column("json").to_pylist()
+
+
 _SHARD_NAME = re.compile(r"^shard-\d{6,}$")
 
 
-def load_manifest(root: Path) -> Manifest | None:
+def load_manifest(root: str | Path) -> Manifest | None:
     """The dataset's manifest, or None when there is none. Shard names become paths, so a name that
     is not `shard-NNNNNN` (e.g. ../../etc/passwd) is refused: a manifest must not lead outside."""
-    path = Path(root) / MANIFEST
-    if not path.exists():
-        return None
+    path = storage.join(root, MANIFEST)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(storage.read_bytes(root, MANIFEST).decode("utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e}); re-run the ingest that wrote {root}") from None
     for entry in manifest.get("shards", []):

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from vpit import storage
 from vpit.errors import VpitError
 from vpit.pipelines.open_files import DEFAULT_OPEN_SHARDS, OpenFiles
 
@@ -62,7 +63,8 @@ class CacheError(VpitError):
 
 
 def cache_dir(dataset_root: str | Path, fingerprint: str) -> Path:
-    return Path(dataset_root) / "tokens" / fingerprint
+    """The cache's local folder (for a remote dataset: a URL string)."""
+    return storage.join(storage.as_root(dataset_root), "tokens", fingerprint)
 
 
 def tokens_path(cdir: Path, name: str) -> Path:
@@ -120,26 +122,41 @@ def precompute_command(dataset_root: str | Path, info: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _load_manifest(root: Path) -> dict[str, Any]:
-    path = root / "manifest.json"
-    if not path.exists():
+def _load_manifest(root: str | Path) -> dict[str, Any]:
+    from vpit.pipelines.shards import load_manifest
+
+    manifest = load_manifest(root)
+    if manifest is None:
         raise CacheError(f"{root} holds no manifest.json: is it a vpit dataset (vpit ingest ...)?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return manifest
 
 
-def _shard_state(cdir: Path, entry: dict[str, Any], m: int, dim: int, dtype: str) -> str:
-    """'ok', 'missing', 'stale' (written for another version of the shard) or 'partial'."""
+def _read_json(root: str | Path, rel: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(root, rel))
+    except FileNotFoundError:
+        return None
+
+
+def _shard_state(
+    root: str | Path, rel: str, entry: dict[str, Any], sizes: dict[str, int], m: int, dim: int, dtype: str
+) -> str:
+    """'ok', 'missing', 'stale' (written for another version of the shard) or 'partial'.
+    `sizes`: the cache folder's files and their sizes (one listing for the whole cache)."""
     name = entry["name"]
-    marker, data, offs = marker_path(cdir, name), tokens_path(cdir, name), offsets_path(cdir, name)
-    if not marker.exists():
-        return "partial" if data.exists() or offs.exists() else "missing"
-    done = json.loads(marker.read_text(encoding="utf-8"))
+    data, offs = f"{name}.npy", f"{name}.offsets.npy"
+    done = _read_json(root, f"{rel}/{name}.done.json") if f"{name}.done.json" in sizes else None
+    if done is None:
+        return "partial" if data in sizes or offs in sizes else "missing"
     if done.get("tar_sha256") != entry["tar_sha256"]:
         return "stale"
-    if not data.exists() or not offs.exists():
+    if data not in sizes or offs not in sizes:
         return "partial"
-    if data.stat().st_size != done["bytes"]:  # truncated or grown behind our back
+    if sizes[data] != done["bytes"]:  # truncated or grown behind our back
         return "partial"
+    if storage.is_remote(root):  # an object is whole or absent (PUT is atomic), its size is checked above
+        return "ok" if done.get("rows") is not None else "partial"
+    data = tokens_path(Path(root, rel), name)
     try:
         with open(data, "rb") as f:  # the header only: shape and dtype, no payload read
             fmt = np.lib.format
@@ -152,31 +169,39 @@ def _shard_state(cdir: Path, entry: dict[str, Any], m: int, dim: int, dtype: str
 
 def check_cache(dataset_root: str | Path, fingerprint: str) -> dict[str, list[str]]:
     """Shard names per state ('ok', 'missing', 'stale', 'partial'); all 'missing' if no cache yet."""
-    root = Path(dataset_root)
+    root = storage.as_root(dataset_root)
     manifest = _load_manifest(root)
-    cdir = cache_dir(root, fingerprint)
+    rel = f"tokens/{fingerprint}"
     states: dict[str, list[str]] = {"ok": [], "missing": [], "stale": [], "partial": []}
-    info_path = cdir / "fingerprint.json"
-    if not info_path.exists():
+    info = _read_json(root, f"{rel}/fingerprint.json")
+    if info is None:
         states["missing"] = [s["name"] for s in manifest["shards"]]
         return states
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    sizes = storage.list_sizes(root, rel)
     for entry in manifest["shards"]:
-        states[_shard_state(cdir, entry, info["m"], info["dim"], info["settings"]["dtype"])].append(entry["name"])
+        state = _shard_state(root, rel, entry, sizes, info["m"], info["dim"], info["settings"]["dtype"])
+        states[state].append(entry["name"])
     return states
 
 
 def available_fingerprints(dataset_root: str | Path) -> list[str]:
     """Fingerprints whose cache is complete and matches the dataset as it is now, sorted."""
-    base = Path(dataset_root) / "tokens"
-    if not base.is_dir():
-        return []
+    root = storage.as_root(dataset_root)
+    if storage.is_remote(root):
+        fs, path = storage.filesystem(str(storage.join(root, "tokens")))
+        try:
+            names = sorted(e.rsplit("/", 1)[-1] for e in fs.ls(path, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+    else:
+        base = Path(root) / "tokens"
+        names = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
     out = []
-    for d in sorted(base.iterdir()):
-        if (d / "fingerprint.json").exists():
-            states = check_cache(dataset_root, d.name)
+    for name in names:
+        if storage.exists(root, f"tokens/{name}/fingerprint.json"):
+            states = check_cache(root, name)
             if not (states["missing"] or states["stale"] or states["partial"]):
-                out.append(d.name)
+                out.append(name)
     return out
 
 
@@ -195,6 +220,7 @@ class TokenCache:
             only each shard's file size is checked when it is opened.
         open_shards: token files kept open at most.
         files: an LRU shared with other readers (closed by its owner); default: one of our own.
+        versions: each shard's tar_sha256, naming a remote shard's token file in the node cache.
 
     Raises:
         CacheError: the cache is missing, stale (the dataset changed since) or partial; the
@@ -210,19 +236,21 @@ class TokenCache:
         verified: bool = False,
         open_shards: int = DEFAULT_OPEN_SHARDS,
         files: OpenFiles | None = None,
+        versions: tuple[str, ...] = (),
     ):
-        self.root = Path(dataset_root)
+        self.root = storage.as_root(dataset_root)
         self.fingerprint = fingerprint
         self.dir = cache_dir(self.root, fingerprint)
-        info_path = self.dir / "fingerprint.json"
-        if not info_path.exists():
+        self.rel = f"tokens/{fingerprint}"
+        self.versions = versions
+        info = _read_json(self.root, f"{self.rel}/fingerprint.json")
+        if info is None:
             have = available_fingerprints(self.root)
             raise CacheError(
                 f"{self.root} has no token cache with fingerprint {fingerprint} (all shards missing); "
                 f"available: {', '.join(have) or 'none'}. Build it with `vpit precompute {self.root} --encoder ENCODER "
                 "--tokens M --dtype fp16|bf16|int8`, using the encoder settings that print this fingerprint"
             )
-        info = json.loads(info_path.read_text(encoding="utf-8"))
         self.fix = precompute_command(self.root, info)
         if not verified:
             states = check_cache(self.root, fingerprint)
@@ -246,11 +274,15 @@ class TokenCache:
     def _open(self, shard: int) -> tuple[int, tuple[np.ndarray, int, tuple[int, ...]]]:
         """A shard's token file: its descriptor, row offsets, data offset and row shape."""
         name = self.names[shard]
-        path = tokens_path(self.dir, name)
+        version = f"{self.fingerprint}:{self.versions[shard] if self.versions else ''}"
+        where = storage.join(self.root, self.rel, f"{name}.offsets.npy")
         try:
-            offsets = np.load(offsets_path(self.dir, name), allow_pickle=False)
+            offsets = np.load(
+                storage.local_file(self.root, f"{self.rel}/{name}.offsets.npy", version), allow_pickle=False
+            )
         except (ValueError, OSError) as e:
-            raise CacheError(f"{offsets_path(self.dir, name)} is not readable ({e}). Fix it with: {self.fix}") from None
+            raise CacheError(f"{where} is not readable ({e}). Fix it with: {self.fix}") from None
+        path = storage.local_file(self.root, f"{self.rel}/{name}.npy", version)
         fd = os.open(path, os.O_RDONLY)
         try:
             with os.fdopen(os.dup(fd), "rb") as f:
@@ -293,7 +325,9 @@ class TokenCache:
             row_bytes = int(np.prod(row_shape)) * dtype.itemsize
             buf = os.pread(fd, (end - start) * row_bytes, data_offset + start * row_bytes)
         if len(buf) != (end - start) * row_bytes:
-            raise CacheError(f"{tokens_path(self.dir, self.names[shard])} ends early. Fix it with: {self.fix}")
+            raise CacheError(
+                f"{storage.join(self.root, self.rel, self.names[shard] + '.npy')} ends early. Fix it with: {self.fix}"
+            )
         return from_storage(np.frombuffer(buf, dtype=dtype).reshape(end - start, *row_shape), self.dtype)
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vpit import storage
 from vpit.errors import ConfigError
 from vpit.judge import chance, question_type, score
 from vpit.model.chat_template import ImageTokens, get_template, stop_ids
@@ -225,9 +226,8 @@ def judge_for(spec: Any, items: list[StreamItem]) -> Any:
         return None
     from vpit.judge import TokenJudge
     from vpit.model.encoder import EncoderConfig, load_encoder
-    from vpit.pipelines.token_cache import cache_dir
 
-    info = json.loads((cache_dir(spec.sources[0].path, spec.cache) / "fingerprint.json").read_text(encoding="utf-8"))
+    info = json.loads(storage.read_bytes(spec.sources[0].path, f"tokens/{spec.cache}/fingerprint.json"))
     s = info["settings"]
     keys = ("layer", "pooling", "tokens", "normalize", "dtype", "compute_dtype")
     try:

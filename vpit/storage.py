@@ -1,0 +1,264 @@
+"""Where datasets live: a local folder, or object storage (s3://, gs://, hf://) through fsspec.
+
+A dataset root is a local path or a URL. Everything that reads a dataset asks for a file by its
+root and its relative path (`local_file`, `read_bytes`): for a local root that is the file itself;
+for a remote root, small metadata (manifests, markers) is read straight from the store, and the
+large files (shard indexes, records, tars, token files) come through a `NodeCache`, one whole
+object at a time, so the readers keep using `os.pread` on local files.
+
+Credentials and endpoints are the provider's own configuration, read by the provider's library
+(for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, or a
+profile or instance role); vpit adds none of its own.
+
+Object stores have no rename, but a PUT is atomic: an object is either absent or whole. Writers
+therefore put each object whole (from a finished local file), then the object that marks it done
+(a shard's index after its tar, a token file's marker after the tokens), so "complete" is decided
+exactly as on a local disk: by the presence of the marker written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from vpit.errors import InputError
+
+__all__ = [
+    "NodeCache",
+    "as_root",
+    "exists",
+    "filesystem",
+    "is_remote",
+    "join",
+    "list_sizes",
+    "local_file",
+    "node_cache",
+    "put_bytes",
+    "put_file",
+    "read_bytes",
+    "remove",
+]
+
+DEFAULT_CACHE_BYTES = 64 << 30
+
+
+def is_remote(root: str | Path) -> bool:
+    """Whether `root` names object storage (a URL with a scheme other than file://)."""
+    s = str(root)
+    return "://" in s and not s.startswith("file://")
+
+
+def as_root(root: str | Path, base: Path | None = None) -> str | Path:
+    """A dataset root as the code keeps it: a URL stays a string (pathlib would fold its //),
+    a local path becomes an absolute Path (relative to `base` when given)."""
+    if is_remote(root):
+        return str(root).rstrip("/")
+    p = Path(str(root).removeprefix("file://"))
+    return ((base / p) if base is not None else p).resolve()
+
+
+def join(root: str | Path, *parts: str) -> str | Path:
+    if is_remote(root):
+        return "/".join([str(root).rstrip("/"), *parts])
+    return Path(root).joinpath(*parts)
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path inside it) for a URL; the provider's library reads its own config."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        scheme = url.split("://", 1)[0]
+        hint = {"gs": "pip install gcsfs", "gcs": "pip install gcsfs", "s3": "pip install s3fs"}.get(scheme, "")
+        raise InputError(f"{url}: no filesystem for {scheme}:// ({e}){'; ' + hint if hint else ''}") from None
+
+
+def read_bytes(root: str | Path, rel: str) -> bytes:
+    """A small file of a dataset, read whole (no cache: manifests and markers change)."""
+    if not is_remote(root):
+        return Path(root, rel).read_bytes()
+    fs, path = filesystem(str(join(root, rel)))
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(str(join(root, rel))) from None
+
+
+def exists(root: str | Path, rel: str) -> bool:
+    if not is_remote(root):
+        return Path(root, rel).exists()
+    fs, path = filesystem(str(join(root, rel)))
+    return fs.exists(path)
+
+
+def list_sizes(root: str | Path, rel: str) -> dict[str, int]:
+    """{file name: size} of the files directly in ROOT/rel; {} when there is no such folder.
+    One listing call per 1000 objects on S3, instead of one request per file."""
+    if not is_remote(root):
+        folder = Path(root, rel)
+        if not folder.is_dir():
+            return {}
+        return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
+    fs, path = filesystem(str(join(root, rel)))
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e["type"] == "file"}
+
+
+def put_file(local: Path, root: str | Path, rel: str) -> None:
+    """Upload a finished local file as one object (whole or absent: a PUT is atomic)."""
+    fs, path = filesystem(str(join(root, rel)))
+    fs.put_file(str(local), path)
+
+
+def put_bytes(root: str | Path, rel: str, data: bytes) -> None:
+    fs, path = filesystem(str(join(root, rel)))
+    fs.pipe_file(path, data)
+
+
+def remove(root: str | Path, rels: list[str]) -> None:
+    if not rels:
+        return
+    if not is_remote(root):
+        for rel in rels:
+            Path(root, rel).unlink(missing_ok=True)
+        return
+    fs, _ = filesystem(str(root))
+    fs.rm([filesystem(str(join(root, rel)))[1] for rel in rels])
+
+
+def local_file(root: str | Path, rel: str, version: str = "") -> Path:
+    """A dataset file as a local path: the file itself for a local root, else a whole copy in this
+    node's cache. `version` names the content (e.g. the shard's tar_sha256): a new version of an
+    object is a new cache entry, and a warm read needs no request to the store."""
+    if not is_remote(root):
+        return Path(root, rel)
+    return node_cache().fetch(str(join(root, rel)), version)
+
+
+class NodeCache:
+    """Whole remote objects in a local folder with a size bound, shared by the processes of a node.
+
+    Every loader worker and rank on a node uses the same folder (VPIT_CACHE_DIR, default
+    ~/.cache/vpit/remote) and the same bound (VPIT_CACHE_BYTES, e.g. 200G; default 64G). Entries are
+    named by a hash of (URL, version), so a hit is one stat. Before a download, space is
+    reserved under a file lock (fcntl, so all the node's processes agree): least recently used
+    entries are deleted until the cached bytes plus every pending reservation plus this object
+    fit. The folder therefore never holds more than the bound, downloads in flight included.
+    A deleted entry that a reader still has open stays readable through its descriptor (POSIX).
+
+    Our own ~80 lines: fsspec's caching filesystems (filecache, simplecache) have no size bound
+    that holds across the processes of a node.
+    """
+
+    def __init__(self, folder: str | Path, max_bytes: int):
+        self.dir = Path(folder)
+        self.objects = self.dir / "objects"
+        self.reserved = self.dir / "reserved"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.reserved.mkdir(exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.fetched = 0  # downloads by this object (a miss), for tests and benches
+
+    def entry(self, url: str, version: str = "") -> Path:
+        key = hashlib.sha256(f"{url}\0{version}".encode()).hexdigest()[:32]
+        return self.objects / f"{key}-{url.rsplit('/', 1)[-1]}"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.dir / "lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def used_bytes(self) -> int:
+        """Bytes of complete entries plus downloads in flight (their reservations)."""
+        done = sum(e.stat().st_size for e in os.scandir(self.objects) if ".part-" not in e.name)
+        return done + sum(int(p.read_text() or 0) for p in self.reserved.iterdir())
+
+    def fetch(self, url: str, version: str = "") -> Path:
+        path = self.entry(url, version)
+        try:
+            os.utime(path)  # a hit: mark it recently used
+            return path
+        except FileNotFoundError:
+            pass
+        fs, rpath = filesystem(url)
+        try:
+            size = int(fs.size(rpath))
+        except FileNotFoundError:
+            raise FileNotFoundError(url) from None
+        if size > self.max_bytes:
+            raise InputError(
+                f"{url} is {size:,} bytes, more than the node cache's bound of {self.max_bytes:,} "
+                "(VPIT_CACHE_BYTES); raise the bound"
+            )
+        tag = f"{os.getpid()}-{threading.get_ident()}"
+        ticket = self.reserved / f"{path.name}.{tag}"
+        with self._locked():
+            self._evict(size)
+            ticket.write_text(str(size))
+        part = path.with_name(f"{path.name}.part-{tag}")
+        try:
+            fs.get_file(rpath, str(part))
+            with self._locked():
+                os.replace(part, path)
+                ticket.unlink()
+        finally:
+            part.unlink(missing_ok=True)
+            ticket.unlink(missing_ok=True)
+        self.fetched += 1
+        return path
+
+    def _evict(self, incoming: int) -> None:
+        """Delete least recently used entries until `incoming` more bytes fit (under the lock)."""
+        entries = [(e.stat().st_mtime_ns, e.stat().st_size, e.path) for e in os.scandir(self.objects)]
+        done = sorted((t, s, p) for t, s, p in entries if ".part-" not in p)
+        used = sum(s for _, s, _ in done) + sum(int(p.read_text() or 0) for p in self.reserved.iterdir())
+        for _, size, p in done:
+            if used + incoming <= self.max_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+            used -= size
+        if used + incoming > self.max_bytes:
+            raise InputError(
+                f"the node cache {self.dir} cannot fit {incoming:,} more bytes under its bound of "
+                f"{self.max_bytes:,} (VPIT_CACHE_BYTES): other downloads hold the rest; raise the bound"
+            )
+
+
+def parse_bytes(text: str) -> int:
+    """'200G', '512M', '1.5T' or a plain number of bytes."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise InputError(f"VPIT_CACHE_BYTES: expected a size such as 200G or 512M, got {text!r}") from None
+
+
+_caches: dict[tuple[str, int], NodeCache] = {}
+_caches_lock = threading.Lock()
+
+
+def node_cache() -> NodeCache:
+    """This node's cache, as the environment configures it (VPIT_CACHE_DIR, VPIT_CACHE_BYTES)."""
+    folder = os.environ.get("VPIT_CACHE_DIR") or str(Path.home() / ".cache" / "vpit" / "remote")
+    bound = parse_bytes(os.environ["VPIT_CACHE_BYTES"]) if os.environ.get("VPIT_CACHE_BYTES") else DEFAULT_CACHE_BYTES
+    with _caches_lock:
+        if (folder, bound) not in _caches:
+            _caches[(folder, bound)] = NodeCache(folder, bound)
+        return _caches[(folder, bound)]
