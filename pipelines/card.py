@@ -14,13 +14,13 @@ the licence and citation the user set at ingest (`--license`, `--citation`).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vpit import storage
 from vpit.records import Manifest
 
 __all__ = ["CARD", "card_metadata", "features_for", "write_card"]
@@ -38,7 +38,7 @@ def features_for(root: Path, manifest: Manifest):
     import pyarrow as pa
 
     from vpit.pipelines.shard_index import load_shard_arrays
-    from vpit.pipelines.shards import Dataset, open_tar
+    from vpit.pipelines.shards import Dataset
 
     shards = manifest["shards"]
     members: set[str] = set()
@@ -52,17 +52,14 @@ def features_for(root: Path, manifest: Manifest):
     starts = np.concatenate([[0], np.cumsum(counts)])
     total = int(starts[-1])
     picks = np.unique(np.linspace(0, total - 1, min(total, _RECORDS_FOR_SCHEMA)).round().astype(np.int64))
-    records = []
+    spans = []
     shard_of = np.searchsorted(starts, picks, side="right") - 1
-    for s in np.unique(shard_of):  # each shard opened once, its records read by offset
-        arrays = load_shard_arrays(root, shards[s]["name"])
-        fd = open_tar(root / "shards" / f"{shards[s]['name']}.tar", arrays.tar_bytes)
-        try:
-            for g in picks[shard_of == s]:
-                offset, size = arrays.json[int(g - starts[s])]
-                records.append(json.loads(os.pread(fd, int(size), int(offset))))
-        finally:
-            os.close(fd)
+    for s in np.unique(shard_of):  # each shard's index read once, its records read by offset
+        arrays = load_shard_arrays(root, shards[s]["name"], shards[s]["tar_sha256"])
+        for g in picks[shard_of == s]:
+            offset, size = arrays.json[int(g - starts[s])]
+            spans.append((f"shards/{shards[s]['name']}.tar", int(offset), int(size)))
+    records = [json.loads(b) for b in storage.read_ranges(root, spans)]  # ranged GETs on object storage
     json_type = pa.Table.from_pylist([{"json": r} for r in records]).schema.field("json").type
     features = datasets.Features.from_arrow_schema(pa.schema([pa.field("json", json_type)]))
     for name in sorted(members - {"json"}):
@@ -92,8 +89,9 @@ def card_metadata(root: Path, manifest: Manifest, license: str | None) -> str:
 
 
 def write_card(root: Path, manifest: Manifest, license: str | None = None, citation: str | None = None) -> Path:
-    """Write DATASET/README.md from the finished manifest (whole, then renamed into place)."""
-    root = Path(root)
+    """Write DATASET/README.md from the finished manifest (whole, then renamed into place; on object
+    storage one PUT)."""
+    root = storage.as_root(root)
     config = manifest.get("config", {})
     reasons: Counter = Counter()
     for entry in manifest["shards"]:
@@ -104,7 +102,7 @@ def write_card(root: Path, manifest: Manifest, license: str | None = None, citat
         card_metadata(root, manifest, license).rstrip(),
         "---",
         "",
-        f"# {config.get('source', root.name)}",
+        f"# {config.get('source', str(root).rstrip('/').rsplit('/', 1)[-1])}",
         "",
         f"A vpit instruction dataset: {manifest['samples']:,} samples in {len(manifest['shards']):,} WebDataset "
         f"shards (`shards/*.tar`), written by `vpit ingest {config.get('adapter', '')}`.",
@@ -145,6 +143,9 @@ def write_card(root: Path, manifest: Manifest, license: str | None = None, citat
         *(["```bibtex", citation.strip(), "```"] if citation else ["Not set at ingest (`--citation TEXT`)."]),
         "",
     ]
+    if storage.is_remote(root):
+        storage.put_bytes(root, CARD, "\n".join(lines).encode("utf-8"))
+        return storage.join(root, CARD)
     path = root / CARD
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
@@ -156,10 +157,10 @@ def read_card(root: Path) -> dict[str, Any] | None:
     """The card's YAML header as a mapping, or None without a card."""
     import yaml
 
-    path = Path(root) / CARD
-    if not path.is_file():
+    try:
+        text = storage.read_bytes(storage.as_root(root), CARD).decode("utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    text = path.read_text(encoding="utf-8")
     if not text.startswith("---\n"):
         return None
     return yaml.safe_load(text.split("\n---\n", 1)[0][4:]) or {}

@@ -12,6 +12,13 @@ While the job runs, a finished shard's manifest entry is one line appended to
 `manifest.journal.jsonl` (a constant cost per shard, where rewriting manifest.json would grow
 with every shard done); at the end the journal is compacted into manifest.json and removed.
 A torn last line (a kill mid-append) is not an entry: that shard is redone.
+
+To object storage (`--output s3://bucket/dataset`, any fsspec URL): each shard is written to a
+local staging folder as above, then put object by object: tar, records, binary index,
+quarantine part, and the JSON index last. Object stores cannot append, so the journal is one
+small object per finished shard (`journal/shard-N.json`, put after the shard's index). A shard
+is done when its journal (or manifest) entry exists, its index exists and its tar has the
+entry's size, as on a local disk: completion never rests on a rename.
 """
 
 from __future__ import annotations
@@ -25,13 +32,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vpit import storage
 from vpit.common import cluster_cpus, init_ray, save_json_atomic, user_error_in
 from vpit.config import path_field
 from vpit.errors import ConfigError, VpitError
 from vpit.lock import FolderLock
 from vpit.pipelines.sample import Rejected, Sample
-from vpit.pipelines.shard_index import ALL_COLUMNS, load_catalog_arrays
-from vpit.pipelines.shards import FORMAT_VERSION, load_manifest, shard_name, write_shard
+from vpit.pipelines.shard_index import (
+    ALL_COLUMNS,
+    CATALOG_DIR,
+    build_catalog_arrays,
+    catalog_is_current,
+    load_catalog_arrays,
+)
+from vpit.pipelines.shards import FORMAT_VERSION, load_manifest, records_path, shard_name, write_shard
 from vpit.records import Manifest, QuarantineLine, ShardEntry
 
 __all__ = [
@@ -212,14 +226,16 @@ def _config_hash(config: dict[str, Any]) -> str:
 JOURNAL = "manifest.journal.jsonl"
 
 
-def _journal_entries(root: Path) -> list[ShardEntry]:
+def _journal_entries(root: Path, remote: str | None = None) -> list[ShardEntry]:
     """The entries appended since the last compaction; a line that does not parse whole (a kill
     during the append) is skipped, so its shard counts as not done."""
-    path = root / JOURNAL
-    if not path.exists():
-        return []
+    if remote is not None:
+        lines = storage.read_many(remote, [f"journal/{n}" for n in storage.list_sizes(remote, "journal")]).values()
+    else:
+        path = root / JOURNAL
+        lines = path.read_bytes().split(b"\n") if path.exists() else []
     entries = []
-    for line in path.read_bytes().split(b"\n"):
+    for line in lines:
         try:
             entries.append(json.loads(line))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -227,19 +243,20 @@ def _journal_entries(root: Path) -> list[ShardEntry]:
     return [e for e in entries if isinstance(e, dict) and "shard" in e]
 
 
-def _done_shards(root: Path, manifest: Manifest | None) -> dict[int, ShardEntry]:
-    """Shards with a manifest (or journal) entry and an index whose tar is whole on disk."""
+def _done_shards(root: Path, manifest: Manifest | None, remote: str | None = None) -> dict[int, ShardEntry]:
+    """Shards with a manifest (or journal) entry and an index whose tar is whole (one listing)."""
+    files = storage.list_sizes(remote or root, "shards")
     done = {}
-    for entry in [*(manifest or {}).get("shards", []), *_journal_entries(root)]:
-        idx_path = root / "shards" / f"{entry['name']}.idx.json"
-        tar_path = root / "shards" / f"{entry['name']}.tar"
-        if idx_path.exists() and tar_path.exists() and tar_path.stat().st_size == entry["tar_bytes"]:
+    for entry in [*(manifest or {}).get("shards", []), *_journal_entries(root, remote)]:
+        if f"{entry['name']}.idx.json" in files and files.get(f"{entry['name']}.tar") == entry["tar_bytes"]:
             done[entry["shard"]] = entry
     return done
 
 
-def _write_manifest(root: Path, config: dict[str, Any], n_shards: int, done: dict[int, ShardEntry]) -> Manifest:
-    """Compact: every done shard into manifest.json (atomically), then the journal goes."""
+def _write_manifest(
+    root: Path, config: dict[str, Any], n_shards: int, done: dict[int, ShardEntry], remote: str | None = None
+) -> Manifest:
+    """Compact: every done shard into manifest.json (atomically: a rename, or one PUT), then the journal goes."""
     shards = [done[i] for i in sorted(done)]
     kinds: Counter = Counter()
     quarantined: Counter = Counter()
@@ -259,22 +276,42 @@ def _write_manifest(root: Path, config: dict[str, Any], n_shards: int, done: dic
         "shards": shards,
     }
     save_json_atomic(root / "manifest.json", manifest, indent=None)
+    if remote is not None:
+        storage.put_file(root / "manifest.json", remote, "manifest.json")
+        storage.remove(remote, [f"journal/{n}" for n in storage.list_sizes(remote, "journal")])
     (root / JOURNAL).unlink(missing_ok=True)
     return manifest
 
 
 class _Journal:
-    """Appends finished shards' entries, one JSON line each, flushed as they come."""
+    """Appends finished shards' entries, one JSON line each, flushed as they come (to object
+    storage: one object per entry, since objects cannot be appended to)."""
 
-    def __init__(self, root: Path):
-        self.file = open(root / JOURNAL, "ab")  # noqa: SIM115 - open for the whole job
+    def __init__(self, root: Path, remote: str | None = None):
+        self.remote = remote
+        self.file = None if remote else open(root / JOURNAL, "ab")  # noqa: SIM115 - open for the whole job
 
     def append(self, entry: ShardEntry) -> None:
-        self.file.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
+        line = json.dumps(entry, sort_keys=True).encode()
+        if self.remote is not None:
+            storage.put_bytes(self.remote, f"journal/{entry['name']}.json", line)
+            return
+        self.file.write(line + b"\n")
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def _upload_shard(root: Path, remote: str, name: str) -> None:
+    """Put a finished shard's files, the index that marks it whole last; then free the staging
+    copies of the large ones."""
+    for rel in (f"shards/{name}.tar", records_path(name), f"shards/{name}.idx.npz", f"quarantine/{name}.jsonl"):
+        storage.put_file(root / rel, remote, rel)
+    storage.put_file(root / "shards" / f"{name}.idx.json", remote, f"shards/{name}.idx.json")
+    for rel in (f"shards/{name}.tar", records_path(name)):
+        (root / rel).unlink(missing_ok=True)
 
 
 def _rows_or_user_error(ds) -> Iterator[dict[str, Any]]:
@@ -289,14 +326,28 @@ def _rows_or_user_error(ds) -> Iterator[dict[str, Any]]:
         raise user from None
 
 
-def _rebuild_quarantine(root: Path, n_shards: int) -> None:
-    parts = [root / "quarantine" / f"{shard_name(i)}.jsonl" for i in range(n_shards)]
+def _rebuild_quarantine(root: Path, n_shards: int, remote: str | None = None) -> None:
+    rels = [f"quarantine/{shard_name(i)}.jsonl" for i in range(n_shards)]
+    parts = storage.read_many(remote or root, rels)
     tmp = root / "quarantine.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        for p in parts:
-            if p.exists():
-                out.write(p.read_text(encoding="utf-8"))
+    with open(tmp, "wb") as out:
+        for rel in rels:
+            out.write(parts.get(rel, b""))
     tmp.replace(root / "quarantine.jsonl")
+    if remote is not None:
+        storage.put_file(root / "quarantine.jsonl", remote, "quarantine.jsonl")
+
+
+def _upload_catalog(root: Path, remote: str, manifest: Manifest) -> None:
+    """The catalog arrays of a remote dataset, unless current: built from its indexes (through the
+    node cache), put, catalog.json (what marks them whole) last."""
+    if catalog_is_current(remote, manifest["shards"]):
+        return
+    build_catalog_arrays(root, manifest["shards"], read_from=remote)
+    for name in sorted(p.name for p in (root / CATALOG_DIR).iterdir()):
+        if name != "catalog.json":
+            storage.put_file(root / CATALOG_DIR / name, remote, f"{CATALOG_DIR}/{name}")
+    storage.put_file(root / CATALOG_DIR / "catalog.json", remote, f"{CATALOG_DIR}/catalog.json")
 
 
 def run_ingest(
@@ -310,9 +361,15 @@ def run_ingest(
 ) -> IngestReport:
     """Ingest `adapter`'s input into `output`, resuming whatever a previous run left. One writer per
     output folder: a second ingest into it stops at once, naming the first (`vpit.lock`). `card`:
-    licence and citation for the dataset card (README.md, written when the dataset is complete)."""
-    with FolderLock(output, f"vpit ingest {adapter.source_kind}"):
-        return _run_ingest(adapter, output, workers=workers, ray_address=ray_address, progress=progress, card=card)
+    licence and citation for the dataset card (README.md, written when the dataset is complete).
+    An `output` URL (s3://...) is written through a local staging folder (see the module docstring);
+    the lock then guards the staging folder: one writer per output per machine."""
+    remote = str(storage.as_root(output)) if storage.is_remote(output) else None
+    local = storage.staging_dir(remote) if remote else output
+    with FolderLock(local, f"vpit ingest {adapter.source_kind}"):
+        return _run_ingest(
+            adapter, local, workers=workers, ray_address=ray_address, progress=progress, card=card, remote=remote
+        )
 
 
 def _run_ingest(
@@ -323,6 +380,7 @@ def _run_ingest(
     ray_address: str | None,
     progress: bool,
     card: dict[str, str | None] | None = None,
+    remote: str | None = None,
 ) -> IngestReport:
     import ray
     from tqdm import tqdm
@@ -331,24 +389,26 @@ def _run_ingest(
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
     config = dict(adapter.describe(), input_sha256=adapter.input_fingerprint())
-    manifest = load_manifest(root)
+    manifest = load_manifest(remote or root)
     if manifest is not None and manifest["config_hash"] != _config_hash(config):
         changed = sorted(k for k in set(config) | set(manifest["config"]) if config.get(k) != manifest["config"].get(k))
         raise IngestError(
-            f"{root} holds a dataset ingested with another config (differs in: {', '.join(changed)}); "
+            f"{remote or root} holds a dataset ingested with another config (differs in: {', '.join(changed)}); "
             "choose a new --output, or delete the folder to start over"
         )
     tasks = adapter.plan()
-    done = _done_shards(root, manifest)
+    done = _done_shards(root, manifest, remote)
     todo = [i for i in range(len(tasks)) if i not in done]
     skipped = len(done)
-    manifest = _write_manifest(root, config, len(tasks), done)
+    manifest = _write_manifest(root, config, len(tasks), done, remote)
     if todo:
         init_ray(ray_address)
         items = [{"shard": i, "task": json.dumps(tasks[i])} for i in todo]
 
         def work(row: dict[str, Any]) -> dict[str, Any]:
             entry = ingest_shard(adapter, root, int(row["shard"]), json.loads(row["task"]))
+            if remote is not None:
+                _upload_shard(root, remote, entry["name"])
             return {"entry": json.dumps(entry)}
 
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -356,7 +416,7 @@ def _run_ingest(
             work, compute=ray.data.TaskPoolStrategy(size=min(len(items), workers or cluster_cpus())), num_cpus=1
         )
         bar = tqdm(total=len(todo), desc=f"ingest {adapter.source_kind}", unit="shard", disable=not progress)
-        journal = _Journal(root)
+        journal = _Journal(root, remote)
         try:
             for row in _rows_or_user_error(ds):
                 entry = json.loads(row["entry"])
@@ -367,16 +427,19 @@ def _run_ingest(
         finally:
             journal.close()
             bar.close()
-        manifest = _write_manifest(root, config, len(tasks), done)
-    _rebuild_quarantine(root, len(tasks))
+        manifest = _write_manifest(root, config, len(tasks), done, remote)
+    _rebuild_quarantine(root, len(tasks), remote)
     if manifest["complete"]:  # the planner's per-sample columns, built once; the dataset card
-        load_catalog_arrays(root, manifest["shards"], ALL_COLUMNS, write=True)  # rebuilt if a column is new
+        if remote is None:
+            load_catalog_arrays(root, manifest["shards"], ALL_COLUMNS, write=True)  # rebuilt if a column is new
+        else:
+            _upload_catalog(root, remote, manifest)
         from vpit.pipelines.card import CARD, write_card
 
-        if card is not None or not (root / CARD).is_file():
-            write_card(root, manifest, **(card or {}))
+        if card is not None or not storage.exists(remote or root, CARD):
+            write_card(remote or root, manifest, **(card or {}))
     return IngestReport(
-        output=root,
+        output=remote or root,
         shards_total=len(tasks),
         shards_skipped=skipped,
         shards_written=len(todo),

@@ -13,6 +13,11 @@ shard's tar_sha256 and redoes the rest, so a killed job resumes with no duplicat
 
 The forward runs in bf16 on GPUs by default (`compute_dtype: auto`), fp32 on CPUs; the
 resolved dtype is part of the fingerprint.
+
+For a dataset on object storage (s3://...) a decode task takes the shard's index and tar whole
+through its node's cache, the actors hand their rows back instead of writing them, and the
+driver gathers each shard's token file in a local staging folder and puts it once complete:
+tokens, then offsets, then the marker, each a whole object (a PUT is atomic, there is no rename).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from vpit import storage
 from vpit.common import init_ray, save_json_atomic
 from vpit.errors import ConfigError
 from vpit.lock import FolderLock
@@ -110,10 +116,10 @@ class PrecomputeReport:
         return "\n".join(lines)
 
 
-def plan_shard(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def plan_shard(root: str | Path, name: str, version: str = "") -> tuple[np.ndarray, np.ndarray]:
     """A shard's row offsets (samples + 1) and the [offset, size] of every image in row order
     (sample order, then record["images"] order), from its binary index alone."""
-    arrays = load_shard_arrays(root, name)
+    arrays = load_shard_arrays(root, name, version)
     return arrays.image_start, arrays.images
 
 
@@ -125,12 +131,14 @@ def _data_offset(fd: int) -> int:
         return f.tell()
 
 
-def _prepare(root: Path, cdir: Path, name: str, m: int, dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def _prepare(
+    root: str | Path, cdir: Path, name: str, m: int, dim: int, dtype: str, version: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     """Make one shard's cache files ready for its rows: the marker goes first (the shard now reads
     as partial), the offsets are written, the token file is (re)created unless it already has
     the right shape (a resumed or retried task rewrites every row anyway)."""
     marker_path(cdir, name).unlink(missing_ok=True)
-    offsets, spans = plan_shard(root, name)
+    offsets, spans = plan_shard(root, name, version)
     tmp = offsets_path(cdir, name).with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, offsets, allow_pickle=False)
     tmp.replace(offsets_path(cdir, name))
@@ -154,14 +162,19 @@ def _decoder(processor, m: int, dim: int, dtype: str, batch_size: int):
     Only the processor travels to the tasks (in memory, with the function), never the weights."""
 
     def decode_shard(batch: dict[str, np.ndarray]):
-        for root, cdir, name in zip(batch["root"], batch["cdir"], batch["shard"], strict=True):
-            root, cdir, name = Path(str(root)), Path(str(cdir)), str(name)
-            offsets, spans = _prepare(root, cdir, name, m, dim, dtype)
+        for root, cdir, name, version in zip(
+            batch["root"], batch["cdir"], batch["shard"], batch["version"], strict=True
+        ):
+            root, name, version = storage.as_root(str(root)), str(name), str(version)
+            if storage.is_remote(root):  # the driver gathers the rows (see the module docstring)
+                offsets, spans = plan_shard(root, name, version)
+            else:
+                offsets, spans = _prepare(root, Path(str(cdir)), name, m, dim, dtype)
             base = {"shard": [name], "samples": [len(offsets) - 1], "total": [len(spans)]}
             if not len(spans):
                 yield {**base, "row0": [0], "n": [0], "shape": [json.dumps([0])], "pixels": [b""]}
                 continue
-            fd = os.open(root / "shards" / f"{name}.tar", os.O_RDONLY)
+            fd = os.open(storage.local_file(root, f"shards/{name}.tar", version), os.O_RDONLY)
             try:
                 for r0 in range(0, len(spans), batch_size):
                     images = [
@@ -184,7 +197,7 @@ def _decoder(processor, m: int, dim: int, dtype: str, batch_size: int):
 class _EncoderActor:
     """One encoder per actor: a chunk's uint8 pixels -> tokens, written into the shard's .npy rows."""
 
-    def __init__(self, config: dict[str, Any], fingerprint: str, threads: int, cdir: str):
+    def __init__(self, config: dict[str, Any], fingerprint: str, threads: int, cdir: str | None):
         import torch
 
         torch.set_num_threads(threads)
@@ -196,23 +209,32 @@ class _EncoderActor:
         if torch.cuda.is_available():
             self.encoder.to("cuda")
         self.dtype = config["dtype"]
-        self.cdir = Path(cdir)
+        self.cdir = Path(cdir) if cdir else None  # None: rows go back to the driver
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
         for name, row0, n, shape, pixels in zip(
             batch["shard"], batch["row0"], batch["n"], batch["shape"], batch["pixels"], strict=True
         ):
             if not n:
+                rows.append(b"")
                 continue
             pixels = np.frombuffer(pixels, dtype=np.uint8).reshape(json.loads(shape))
             tokens = to_storage(self.encoder.encode_uint8(pixels), self.dtype)
-            fd = os.open(tokens_path(self.cdir, str(name)), os.O_RDWR)
-            try:
-                row_bytes = tokens[0].nbytes
-                os.pwrite(fd, tokens.tobytes(), _data_offset(fd) + int(row0) * row_bytes)
-            finally:
-                os.close(fd)
-        return {k: batch[k] for k in ("shard", "row0", "n", "samples", "total")}
+            if self.cdir is None:
+                rows.append(tokens.tobytes())
+                continue
+            _write_rows(tokens_path(self.cdir, str(name)), int(row0), tokens.tobytes(), tokens[0].nbytes)
+            rows.append(b"")
+        return {**{k: batch[k] for k in ("shard", "row0", "n", "samples", "total")}, "tokens": rows}
+
+
+def _write_rows(path: Path, row0: int, data: bytes, row_bytes: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, _data_offset(fd) + row0 * row_bytes)
+    finally:
+        os.close(fd)
 
 
 def _write_marker(cdir: Path, name: str, entry: dict[str, Any], rows: int, samples: int) -> None:
@@ -254,13 +276,21 @@ def run_precompute(
     encoder_config = encoder_config.resolved(gpus=gpus > 0)
     encoder = load_encoder(encoder_config)
     fp = encoder.fingerprint()
-    cdir = cache_dir(ds.root, fp)
+    remote = str(ds.root) if storage.is_remote(ds.root) else None
+    cdir = storage.staging_dir(remote) / "tokens" / fp if remote else cache_dir(ds.root, fp)
     cdir.mkdir(parents=True, exist_ok=True)
-    with FolderLock(cdir, "vpit precompute"):  # one writer per cache
-        return _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, start)
+    with FolderLock(cdir, "vpit precompute"):  # one writer per cache (per machine, for a remote one)
+        return _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, start, remote)
 
 
-def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, start) -> PrecomputeReport:
+def _put_shard(cdir: Path, remote: str, fp: str, name: str) -> None:
+    """A finished shard's token files, marker last; the staging copy of the tokens is then freed."""
+    for path in (tokens_path(cdir, name), offsets_path(cdir, name), marker_path(cdir, name)):
+        storage.put_file(path, remote, f"tokens/{fp}/{path.name}")
+    tokens_path(cdir, name).unlink()
+
+
+def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, start, remote=None) -> PrecomputeReport:
     from tqdm import tqdm
 
     from vpit.pipelines.token_cache import CacheError
@@ -274,6 +304,8 @@ def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, 
         "settings": encoder.settings(),
     }
     save_json_atomic(cdir / "fingerprint.json", info)  # first, so a partial cache can name its fix
+    if remote:
+        storage.put_file(cdir / "fingerprint.json", remote, f"tokens/{fp}/fingerprint.json")
     states = check_cache(ds.root, fp)
     entries = {s["name"]: s for s in ds.shards}
     todo = [s["name"] for s in ds.shards if s["name"] not in states["ok"]]
@@ -288,7 +320,10 @@ def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, 
         gpus = int(ray.cluster_resources().get("GPU", 0))
         actors = config.actors or max(1, gpus)
         cfg = dataclasses.asdict(encoder_config)
-        items = [{"root": str(ds.root), "cdir": str(cdir), "shard": name} for name in todo]
+        items = [
+            {"root": str(ds.root), "cdir": str(cdir), "shard": name, "version": entries[name]["tar_sha256"]}
+            for name in todo
+        ]
         pipe = ray.data.from_items(items, override_num_blocks=len(items))
         # A decode worker holds torch + transformers (~0.4 GiB measured) and a chunk's pixels.
         # Declaring that memory also keeps Ray Data from fusing decoding into the encoder actor
@@ -307,7 +342,7 @@ def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, 
                 "config": cfg,
                 "fingerprint": fp,
                 "threads": max(1, round(config.actor_cpus)),
-                "cdir": str(cdir),
+                "cdir": None if remote else str(cdir),
             },
         )
         got: dict[str, dict[int, int]] = {}  # shard -> {row0: rows}: a retried chunk counts once
@@ -317,14 +352,24 @@ def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, 
             chunks = got.setdefault(name, {})
             if int(row["row0"]) in chunks:
                 continue
+            if remote:  # the driver writes the rows into the staging copy
+                if not chunks:
+                    _prepare(
+                        ds.root, cdir, name, encoder.m, encoder.dim, encoder_config.dtype, entries[name]["tar_sha256"]
+                    )
+                if n:
+                    data = row["tokens"]
+                    _write_rows(tokens_path(cdir, name), int(row["row0"]), data, len(data) // n)
             chunks[int(row["row0"])] = n
             images += n
             first = first or (time.perf_counter(), n)
             if sum(chunks.values()) == total:
                 _write_marker(cdir, name, entries[name], total, int(row["samples"]))
+                if remote:
+                    _put_shard(cdir, remote, fp, name)
                 bar.update(1)
         bar.close()
-        unfinished = [n for n in todo if not marker_path(cdir, n).exists()]
+        unfinished = [n for n in todo if not marker_path(cdir, n).exists()]  # (remote: put after the marker)
         if unfinished:
             raise CacheError(
                 f"precompute left {len(unfinished)} shards unfinished ({', '.join(unfinished[:5])}); re-run it"
@@ -333,11 +378,14 @@ def _fill(ds, cdir, fp, encoder, encoder_config, config, ray_address, progress, 
     steady = 0.0
     if first and images > first[1]:
         steady = (images - first[1]) / max(time.perf_counter() - first[0], 1e-9)
-    cache_bytes = sum(p.stat().st_size for p in cdir.iterdir() if p.is_file() and not p.name.startswith("."))
+    if remote:
+        cache_bytes = sum(storage.list_sizes(remote, f"tokens/{fp}").values())
+    else:
+        cache_bytes = sum(p.stat().st_size for p in cdir.iterdir() if p.is_file() and not p.name.startswith("."))
     return PrecomputeReport(
         dataset=ds.root,
         fingerprint=fp,
-        cache=cdir,
+        cache=storage.join(remote, "tokens", fp) if remote else cdir,
         shards_total=len(ds.shards),
         shards_skipped=len(ds.shards) - len(todo),
         shards_written=len(todo),

@@ -45,6 +45,7 @@ __all__ = [
     "CATALOG_DIR",
     "ShardArrays",
     "build_catalog_arrays",
+    "catalog_is_current",
     "heldout_hash",
     "index_arrays",
     "load_catalog_arrays",
@@ -189,17 +190,27 @@ def _concatenate(root: str | Path, shards: list[ShardEntry], columns: tuple[str,
     return out
 
 
-def build_catalog_arrays(root: str | Path, shards: list[ShardEntry]) -> None:
-    """Concatenate the shards' columns into ROOT/catalog/*.npy (one pass, at ingest end)."""
+def build_catalog_arrays(root: str | Path, shards: list[ShardEntry], read_from: str | None = None) -> None:
+    """Concatenate the shards' columns into ROOT/catalog/*.npy (one pass, at ingest end), reading
+    the shard indexes from `read_from` (a remote dataset's URL) when given."""
     root = Path(root)
     out = root / CATALOG_DIR
     out.mkdir(exist_ok=True)
     (out / "catalog.json").unlink(missing_ok=True)  # written last: its presence marks the arrays whole
-    for c, arr in _concatenate(root, shards, ALL_COLUMNS).items():
+    for c, arr in _concatenate(read_from or root, shards, ALL_COLUMNS).items():
         tmp = out / f"{c}.tmp.npy"
         np.save(tmp, arr, allow_pickle=False)
         os.replace(tmp, out / f"{c}.npy")
     save_json_atomic(out / "catalog.json", {"kinds": list(KINDS), "shards": _shards_digest(shards)})
+
+
+def catalog_is_current(root: str | Path, shards: list[ShardEntry]) -> bool:
+    """Whether ROOT/catalog holds whole arrays built from exactly these shards."""
+    try:
+        meta = json.loads(storage.read_bytes(storage.as_root(root), f"{CATALOG_DIR}/catalog.json"))
+    except (FileNotFoundError, ValueError):
+        return False
+    return meta == {"kinds": list(KINDS), "shards": _shards_digest(shards)}
 
 
 def load_catalog_arrays(

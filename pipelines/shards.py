@@ -227,7 +227,7 @@ class Dataset:
     """A finished dataset folder: its manifest and readers for its shards."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = storage.as_root(root)  # a URL: the manifest is read; readers need a local folder
         manifest = load_manifest(self.root)
         if manifest is None:
             raise InputError(f"{self.root} holds no {MANIFEST}: is it a vpit dataset (vpit ingest ...)?")

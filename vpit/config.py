@@ -197,6 +197,8 @@ def resolve_paths(cls: type, data: Any, folder: Path) -> Any:
         value, tp = out[f.name], unwrap_optional(hints[f.name])[0]
         if isinstance(value, CliValue) and "path" in f.metadata:
             value = out[f.name] = _text(value)
+        if "path" in f.metadata and "://" in str(value):  # a URL (s3://...): kept as written
+            continue
         if "path" in f.metadata and isinstance(value, str | Path) and str(value) not in f.metadata["path"]:
             p = Path(value).expanduser()
             resolved = p if p.is_absolute() else (folder / p).resolve()

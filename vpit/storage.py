@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 from vpit.errors import InputError
@@ -40,10 +41,15 @@ __all__ = [
     "put_bytes",
     "put_file",
     "read_bytes",
+    "read_many",
+    "read_ranges",
     "remove",
+    "staging_dir",
 ]
 
 DEFAULT_CACHE_BYTES = 64 << 30
+WAIT_FOR_SPACE_S = 600.0  # a download waits this long for others to free the space it needs
+IN_USE_S = 2.0  # an entry fetched or hit this recently is not evicted: its caller is opening it
 
 
 def is_remote(root: str | Path) -> bool:
@@ -88,6 +94,35 @@ def read_bytes(root: str | Path, rel: str) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(str(join(root, rel))) from None
+
+
+def read_ranges(root: str | Path, spans: list[tuple[str, int, int]]) -> list[bytes]:
+    """Byte ranges (rel, offset, size) of a dataset's files; on object storage as concurrent
+    ranged GETs (no whole object fetched), for reading a few records spread over many shards."""
+    if not is_remote(root):
+        out = []
+        for rel, offset, size in spans:
+            with open(Path(root, rel), "rb") as f:
+                f.seek(offset)
+                out.append(f.read(size))
+        return out
+    if not spans:
+        return []
+    fs, _ = filesystem(str(root))
+    paths = [filesystem(str(join(root, rel)))[1] for rel, _, _ in spans]
+    return fs.cat_ranges(paths, [o for _, o, _ in spans], [o + n for _, o, n in spans])
+
+
+def read_many(root: str | Path, rels: list[str]) -> dict[str, bytes]:
+    """Small files of a dataset, read whole; the absent ones are left out (S3: concurrent GETs)."""
+    if not is_remote(root):
+        return {rel: Path(root, rel).read_bytes() for rel in rels if Path(root, rel).is_file()}
+    if not rels:
+        return {}
+    fs, _ = filesystem(str(root))
+    paths = {filesystem(str(join(root, rel)))[1]: rel for rel in rels}
+    got = fs.cat(list(paths), on_error="omit")
+    return {paths[p]: data for p, data in got.items() if isinstance(data, bytes)}
 
 
 def exists(root: str | Path, rel: str) -> bool:
@@ -135,6 +170,12 @@ def remove(root: str | Path, rels: list[str]) -> None:
     fs.rm([filesystem(str(join(root, rel)))[1] for rel in rels])
 
 
+def staging_dir(url: str) -> Path:
+    """The local folder a job writes a remote output through before putting it (beside the
+    node cache, VPIT_CACHE_DIR/../staging)."""
+    return node_cache().dir.parent / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 def local_file(root: str | Path, rel: str, version: str = "") -> Path:
     """A dataset file as a local path: the file itself for a local root, else a whole copy in this
     node's cache. `version` names the content (e.g. the shard's tar_sha256): a new version of an
@@ -152,20 +193,23 @@ class NodeCache:
     named by a hash of (URL, version), so a hit is one stat. Before a download, space is
     reserved under a file lock (fcntl, so all the node's processes agree): least recently used
     entries are deleted until the cached bytes plus every pending reservation plus this object
-    fit. The folder therefore never holds more than the bound, downloads in flight included.
-    A deleted entry that a reader still has open stays readable through its descriptor (POSIX).
+    fit; an entry used in the last IN_USE_S seconds is never deleted (its caller is about to open
+    it), and a download that cannot fit yet waits for others to finish. The folder therefore never
+    holds more than the bound, downloads in flight included. A deleted entry that a reader still
+    has open stays readable through its descriptor (POSIX).
 
     Our own ~80 lines: fsspec's caching filesystems (filecache, simplecache) have no size bound
     that holds across the processes of a node.
     """
 
-    def __init__(self, folder: str | Path, max_bytes: int):
+    def __init__(self, folder: str | Path, max_bytes: int, in_use_s: float = IN_USE_S):
         self.dir = Path(folder)
         self.objects = self.dir / "objects"
         self.reserved = self.dir / "reserved"
         self.objects.mkdir(parents=True, exist_ok=True)
         self.reserved.mkdir(exist_ok=True)
         self.max_bytes = int(max_bytes)
+        self.in_use_s = in_use_s
         self.fetched = 0  # downloads by this object (a miss), for tests and benches
 
     def entry(self, url: str, version: str = "") -> Path:
@@ -180,11 +224,6 @@ class NodeCache:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-
-    def used_bytes(self) -> int:
-        """Bytes of complete entries plus downloads in flight (their reservations)."""
-        done = sum(e.stat().st_size for e in os.scandir(self.objects) if ".part-" not in e.name)
-        return done + sum(int(p.read_text() or 0) for p in self.reserved.iterdir())
 
     def fetch(self, url: str, version: str = "") -> Path:
         path = self.entry(url, version)
@@ -205,9 +244,19 @@ class NodeCache:
             )
         tag = f"{os.getpid()}-{threading.get_ident()}"
         ticket = self.reserved / f"{path.name}.{tag}"
-        with self._locked():
-            self._evict(size)
-            ticket.write_text(str(size))
+        deadline = time.monotonic() + WAIT_FOR_SPACE_S
+        while True:  # other downloads in flight may hold the space: wait for them
+            with self._locked():
+                if self._evict(size):
+                    ticket.write_text(str(size))
+                    break
+            if time.monotonic() > deadline:
+                raise InputError(
+                    f"the node cache {self.dir} could not fit {size:,} more bytes under its bound of "
+                    f"{self.max_bytes:,} (VPIT_CACHE_BYTES) for {WAIT_FOR_SPACE_S:.0f} s: downloads in flight "
+                    "hold the rest; raise the bound"
+                )
+            time.sleep(0.02)
         part = path.with_name(f"{path.name}.part-{tag}")
         try:
             fs.get_file(rpath, str(part))
@@ -220,22 +269,38 @@ class NodeCache:
         self.fetched += 1
         return path
 
-    def _evict(self, incoming: int) -> None:
-        """Delete least recently used entries until `incoming` more bytes fit (under the lock)."""
+    def _evict(self, incoming: int) -> bool:
+        """Delete least recently used entries until `incoming` more bytes fit (under the lock);
+        False when they cannot fit yet because downloads in flight hold the space."""
+        reserved = 0
+        for ticket in self.reserved.iterdir():
+            base, tag = ticket.name.rsplit(".", 1)
+            if not _alive(int(tag.split("-")[0])):  # killed mid-download: its reservation and part go
+                ticket.unlink(missing_ok=True)
+                (self.objects / f"{base}.part-{tag}").unlink(missing_ok=True)
+                continue
+            reserved += int(ticket.read_text() or 0)
         entries = [(e.stat().st_mtime_ns, e.stat().st_size, e.path) for e in os.scandir(self.objects)]
         done = sorted((t, s, p) for t, s, p in entries if ".part-" not in p)
-        used = sum(s for _, s, _ in done) + sum(int(p.read_text() or 0) for p in self.reserved.iterdir())
-        for _, size, p in done:
-            if used + incoming <= self.max_bytes:
+        used = sum(s for _, s, _ in done) + reserved
+        recent = time.time_ns() - int(self.in_use_s * 1e9)
+        for t, size, p in done:
+            if used + incoming <= self.max_bytes or t > recent:  # a fresh entry is about to be opened
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
             used -= size
-        if used + incoming > self.max_bytes:
-            raise InputError(
-                f"the node cache {self.dir} cannot fit {incoming:,} more bytes under its bound of "
-                f"{self.max_bytes:,} (VPIT_CACHE_BYTES): other downloads hold the rest; raise the bound"
-            )
+        return used + incoming <= self.max_bytes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def parse_bytes(text: str) -> int:
