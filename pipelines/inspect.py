@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+from vpit import storage
 from vpit.config import path_field
+from vpit.pipelines.shard_index import load_shard_arrays
 from vpit.pipelines.shards import Dataset
 
 __all__ = ["InspectConfig", "describe_dataset", "render_sample"]
@@ -14,7 +17,7 @@ __all__ = ["InspectConfig", "describe_dataset", "render_sample"]
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class InspectConfig:
     path: str = path_field()
-    """Dataset folder (holds manifest.json)."""
+    """Dataset folder (holds manifest.json), or its URL (s3://...)."""
     n: int = 3
     """Samples to render."""
     quarantine: int = 5
@@ -43,7 +46,7 @@ def _card_line(root: Path) -> str:
     meta = read_card(root)
     if meta is None:
         return "card     none (written when an ingest completes)"
-    body = (Path(root) / CARD).read_text(encoding="utf-8")
+    body = storage.read_bytes(root, CARD).decode("utf-8")
     cited = "set" if "```bibtex" in body else "not set"
     return (
         f"card     {CARD}: license {meta.get('license', 'other')}, citation {cited}; "
@@ -65,13 +68,21 @@ def describe_dataset(path: str | Path, n: int = 3, quarantine: int = 5) -> str:
         _card_line(ds.root),
         "",
     ]
-    shown = 0
-    for sample in ds:
-        if shown >= n:
+    spans, left = [], n  # the first n records, read by offset (ranged GETs on object storage)
+    for entry in ds.shards:
+        if left <= 0:
             break
-        out.append(render_sample(sample.record))
-        shown += 1
-    bad = ds.quarantine()[:quarantine]
+        arrays = load_shard_arrays(ds.root, entry["name"], entry["tar_sha256"])
+        for pos in range(min(entry["samples"], left)):
+            offset, size = arrays.json[pos]
+            spans.append((f"shards/{entry['name']}.tar", int(offset), int(size)))
+        left -= entry["samples"]
+    out += [render_sample(json.loads(data)) for data in storage.read_ranges(ds.root, spans)]
+    try:
+        lines = storage.read_bytes(ds.root, "quarantine.jsonl").decode("utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    bad = [json.loads(line) for line in lines[:quarantine] if line]
     if bad:
         out.append("\nquarantine (first %d):" % len(bad))
         out += [f"  {q['reason']:<24} {q['origin']}  {q['detail']}" for q in bad]

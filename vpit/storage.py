@@ -78,7 +78,9 @@ def filesystem(url: str):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        # No listing cache: a listing taken before a shard was put would hide it from every later
+        # lookup in this process (s3fs answers `size` from a cached listing of the folder).
+        return fsspec.core.url_to_fs(url, use_listings_cache=False)
     except (ImportError, ValueError) as e:
         scheme = url.split("://", 1)[0]
         hint = {"gs": "pip install gcsfs", "gcs": "pip install gcsfs", "s3": "pip install s3fs"}.get(scheme, "")

@@ -80,3 +80,19 @@ def test_hf_datasets_reads_shards(dataset, tmp_path):
     # every image of every sample is there, under its member name, with its bytes' size
     n_images = sum(1 for r in hf for k in r if k.startswith("img") and r[k] is not None)
     assert n_images == sum(len(s.images) for s in dataset)
+
+
+def test_the_records_parquet_beside_each_tar_holds_its_json_members_and_opens_with_ray_and_datasets(
+    dataset, ray_local, tmp_path
+):
+    import datasets
+    import ray
+
+    files = [p.replace(".tar", ".records.parquet") for p in dataset.tar_paths()]
+    rows = ray.data.read_parquet(files).take_all()
+    hf = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    ours = [s.record for s in dataset]  # in shard order, as each file's rows are
+    assert [json.loads(j) for j in hf["json"]] == ours
+    rows.sort(key=lambda r: r["key"])  # Ray reads the files in any order
+    assert [json.loads(r["json"]) for r in rows] == sorted(ours, key=lambda r: r["key"])
+    assert all((r["id"], r["kind"]) == (json.loads(r["json"])["id"], json.loads(r["json"])["kind"]) for r in rows)
