@@ -139,13 +139,20 @@ def _read_json(root: str | Path, rel: str) -> dict[str, Any] | None:
 
 
 def _shard_state(
-    root: str | Path, rel: str, entry: dict[str, Any], sizes: dict[str, int], m: int, dim: int, dtype: str
+    root: str | Path,
+    rel: str,
+    entry: dict[str, Any],
+    sizes: dict[str, int],
+    done: dict[str, Any] | None,
+    m: int,
+    dim: int,
+    dtype: str,
 ) -> str:
     """'ok', 'missing', 'stale' (written for another version of the shard) or 'partial'.
-    `sizes`: the cache folder's files and their sizes (one listing for the whole cache)."""
+    `sizes`: the cache folder's files and their sizes (one listing for the whole cache);
+    `done`: the shard's marker, if any."""
     name = entry["name"]
     data, offs = f"{name}.npy", f"{name}.offsets.npy"
-    done = _read_json(root, f"{rel}/{name}.done.json") if f"{name}.done.json" in sizes else None
     if done is None:
         return "partial" if data in sizes or offs in sizes else "missing"
     if done.get("tar_sha256") != entry["tar_sha256"]:
@@ -178,8 +185,11 @@ def check_cache(dataset_root: str | Path, fingerprint: str) -> dict[str, list[st
         states["missing"] = [s["name"] for s in manifest["shards"]]
         return states
     sizes = storage.list_sizes(root, rel)
+    markers = storage.read_many(root, [f"{rel}/{n}" for n in sizes if n.endswith(".done.json")])  # S3: concurrent
     for entry in manifest["shards"]:
-        state = _shard_state(root, rel, entry, sizes, info["m"], info["dim"], info["settings"]["dtype"])
+        done = markers.get(f"{rel}/{entry['name']}.done.json")
+        done = json.loads(done) if done is not None else None
+        state = _shard_state(root, rel, entry, sizes, done, info["m"], info["dim"], info["settings"]["dtype"])
         states[state].append(entry["name"])
     return states
 
@@ -243,7 +253,10 @@ class TokenCache:
         self.dir = cache_dir(self.root, fingerprint)
         self.rel = f"tokens/{fingerprint}"
         self.versions = versions
-        info = _read_json(self.root, f"{self.rel}/fingerprint.json")
+        try:  # immutable for its fingerprint: on object storage a cached copy serves every loader worker
+            info = json.loads(storage.local_file(self.root, f"{self.rel}/fingerprint.json", fingerprint).read_bytes())
+        except FileNotFoundError:
+            info = None
         if info is None:
             have = available_fingerprints(self.root)
             raise CacheError(
