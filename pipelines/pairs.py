@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from vpit import storage
 from vpit.common import cluster_cpus, init_ray, raise_if_disk_full, ray_gcs_address, subprocess_env
 from vpit.config import path_field
 from vpit.errors import ConfigError
@@ -407,14 +408,19 @@ def ingest_pairs(
     progress: bool = True,
     card: dict[str, str | None] | None = None,
 ) -> tuple[IngestReport, dict[str, Any]]:
-    """Download (when the input is a URL list) and ingest; return the ingest report and img2dataset's stats."""
-    with FolderLock(output, "vpit ingest pairs"):  # the download writes into the output folder too
-        return _ingest_pairs(config, output, workers=workers, ray_address=ray_address, progress=progress, card=card)
+    """Download (when the input is a URL list) and ingest; return the ingest report and img2dataset's stats.
+    To an `output` URL (s3://...) the download goes to the output's local staging folder."""
+    local = storage.staging_dir(str(storage.as_root(output))) if storage.is_remote(output) else Path(output)
+    with FolderLock(local, "vpit ingest pairs"):  # the download writes into the output folder too
+        return _ingest_pairs(
+            config, output, local, workers=workers, ray_address=ray_address, progress=progress, card=card
+        )
 
 
 def _ingest_pairs(
     config: PairsConfig,
     output: str | Path,
+    local: Path,
     *,
     workers: int | None,
     ray_address: str | None,
@@ -425,7 +431,7 @@ def _ingest_pairs(
     if src.is_dir():
         folder, owns = src, False
     elif src.is_file():
-        folder = Path(config.download_dir) if config.download_dir else Path(output) / "img2dataset"
+        folder = Path(config.download_dir) if config.download_dir else local / "img2dataset"
         config = dataclasses.replace(config, download_dir=str(folder))
         download(config, folder, progress=progress, ray_address=ray_address)
         owns = True

@@ -25,6 +25,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from vpit import storage
 from vpit.config import path_field
 from vpit.errors import InputError, VpitError
 from vpit.pipelines.ingest import file_sha256
@@ -120,6 +121,12 @@ def verify_dataset(root: str | Path, caches: bool = True) -> tuple[list[ShardPro
     """([problems], {"shards", "bytes", "caches": {fingerprint: states}})."""
     from tqdm import tqdm
 
+    if storage.is_remote(root):  # hashing every tar means reading every byte: do it where the bytes are
+        raise InputError(
+            f"{root}: vpit verify reads a local copy (it hashes every tar); copy the dataset down (e.g. "
+            "`aws s3 sync URL DIR`) and verify DIR. On object storage each object is whole or absent, and a "
+            "re-run ingest checks every shard's tar size against its entry"
+        )
     root = Path(root)
     manifest = load_manifest(root)
     if manifest is None:
