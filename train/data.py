@@ -80,6 +80,17 @@ class _StepCollate:
         return self.collate.step(items, self.micro_batches)
 
 
+def _closing(batches: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    """The loader's batches as a generator whose close() frees the loader at once, which stops its
+    workers. They ignore SIGTERM (see below), so one left running at exit hangs the process:
+    freeing it must not wait for a garbage collection, as it would while a reference cycle holds
+    the caller's frame (matplotlib keeps such cycles after drawing the loss curve)."""
+    try:
+        yield from batches
+    finally:
+        del batches
+
+
 def _ignore_preemption(worker_id: int) -> None:
     """Loader workers ignore SIGTERM/SIGUSR1: torchrun signals the whole process group, and a
     worker that died of it would fail the trainer's step instead of letting it checkpoint."""
@@ -160,7 +171,7 @@ class MixtureSource:
             prefetch_factor=4 if num_workers else None,
             persistent_workers=False,
         )
-        return iter(loader)
+        return _closing(iter(loader))
 
 
 def make_source(data: Any, global_batch_size: int, model: Any, plan_dir: str | Path | None = None) -> BatchSource:

@@ -257,6 +257,12 @@ class Trainer:
             self.collate,
             self.cfg.data.num_workers,
         )
+        try:
+            return self._run_steps(steps)
+        finally:
+            steps.close()  # stops the loader workers now (see data._closing)
+
+    def _run_steps(self, steps) -> dict[str, Any]:
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", disable=self.dist.rank != 0)
         preempted = 0
         with preemption() as flag:
