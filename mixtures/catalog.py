@@ -185,12 +185,15 @@ class RecordReader:
         arrays = load_shard_arrays(self.root, name, version)
         if storage.is_remote(self.root):
             try:
-                records = read_records_parquet(storage.local_file(self.root, records_path(name), version))
-                return None, (arrays, records)
+                with storage.open_file(self.root, records_path(name), version) as f:
+                    return None, (arrays, read_records_parquet(f))
             except FileNotFoundError:
                 pass
-        tar = storage.local_file(self.root, f"shards/{name}.tar", version)
-        return open_tar(tar, arrays.tar_bytes), (arrays, None)
+        tar = storage.join(self.root, "shards", f"{name}.tar")
+        return open_tar(tar, arrays.tar_bytes, storage.open_fd(self.root, f"shards/{name}.tar", version)), (
+            arrays,
+            None,
+        )
 
     def record(self, shard: int, position: int) -> Record:
         with self._use(shard) as (fd, (arrays, records)):

@@ -133,7 +133,7 @@ def mixture_images(spec: MixtureSpec) -> MixtureImages:
     roots = list(dict.fromkeys(storage.as_root(s.path) for s in spec.sources))
     manifests = []
     for root in roots:
-        manifest = load_manifest(root) if root.is_dir() else None
+        manifest = load_manifest(root) if storage.is_remote(root) or root.is_dir() else None
         if manifest is None:  # build_catalog names the source and the fix
             raise ConfigError(f"{root} holds no manifest.json; point the source at a vpit dataset")
         manifests.append(manifest)
@@ -285,7 +285,7 @@ def heldout_items(spec: MixtureSpec, max_per_source: int | None = None) -> list[
         if spec.cache:
             from vpit.pipelines.token_cache import TokenCache
 
-            cache = TokenCache(cat.root, spec.cache)
+            cache = TokenCache(cat.root, spec.cache, shard_names=cat.shard_names, versions=cat.shard_versions)
         try:
             for shard, pos in zip(shards.tolist(), positions.tolist(), strict=True):
                 record = reader.record(shard, pos)

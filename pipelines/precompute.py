@@ -174,7 +174,7 @@ def _decoder(processor, m: int, dim: int, dtype: str, batch_size: int):
             if not len(spans):
                 yield {**base, "row0": [0], "n": [0], "shape": [json.dumps([0])], "pixels": [b""]}
                 continue
-            fd = os.open(storage.local_file(root, f"shards/{name}.tar", version), os.O_RDONLY)
+            fd = storage.open_fd(root, f"shards/{name}.tar", version)
             try:
                 for r0 in range(0, len(spans), batch_size):
                     images = [

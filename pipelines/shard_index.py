@@ -135,7 +135,7 @@ def load_shard_arrays(root: str | Path, name: str, version: str = "") -> ShardAr
     root = storage.as_root(root)
     path = f"shards/{name}.idx.npz"
     try:
-        with np.load(storage.local_file(root, path, version), allow_pickle=False) as z:
+        with storage.open_file(root, path, version) as f, np.load(f, allow_pickle=False) as z:
             fields = {f.name: z[f.name] for f in dataclasses.fields(ShardArrays) if f.name in z.files}
         missing = {f.name for f in dataclasses.fields(ShardArrays)} - set(fields) - set(_ADDED)
         if missing:
@@ -152,6 +152,8 @@ def load_shard_arrays(root: str | Path, name: str, version: str = "") -> ShardAr
                 f"{root} (it redoes shards without an index)"
             ) from None
     except (ValueError, KeyError, OSError) as e:
+        if storage.is_remote(root) and isinstance(e, OSError):
+            raise  # a network or store error, not a damaged file: nothing to delete
         raise InputError(
             f"{storage.join(root, path)}: not a readable shard index ({e}); delete it and re-run the ingest"
         ) from None
@@ -228,14 +230,13 @@ def load_catalog_arrays(
         try:
             if json.loads(storage.read_bytes(root, f"{CATALOG_DIR}/catalog.json")) != meta:
                 return None
-            return {
-                c: np.load(
-                    storage.local_file(root, f"{CATALOG_DIR}/{c}.npy", meta["shards"]),
-                    allow_pickle=False,
-                    mmap_mode="r",
-                )
-                for c in wanted
-            }
+            if not storage.is_remote(root):
+                return {c: np.load(root / CATALOG_DIR / f"{c}.npy", allow_pickle=False, mmap_mode="r") for c in wanted}
+            out = {}
+            for c in wanted:  # from the node cache, read whole (a memory map needs a path the cache could evict)
+                with storage.open_file(root, f"{CATALOG_DIR}/{c}.npy", meta["shards"]) as f:
+                    out[c] = np.load(f, allow_pickle=False)
+            return out
         except (FileNotFoundError, ValueError):
             return None
 

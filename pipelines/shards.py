@@ -144,10 +144,11 @@ def write_records_parquet(path: Path, records: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def read_records_parquet(path: Path) -> list[str]:
+def read_records_parquet(source) -> list[str]:
+    """The `json` column of a records file (a path or an open binary file)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["json"]).column("json").to_pylist()
+    return pq.read_table(source, columns=["json"]).column("json").to_pylist()
 
 
 _SHARD_NAME = re.compile(r"^shard-\d{6,}$")
@@ -210,15 +211,17 @@ class ShardReader:
             self._fd = None
 
 
-def open_tar(path: Path, expected_bytes: int) -> int:
-    """Open a shard's tar for reading; refuse one whose size differs from its index's."""
-    fd = os.open(path, os.O_RDONLY)
+def open_tar(path: str | Path, expected_bytes: int, fd: int | None = None) -> int:
+    """Open a shard's tar for reading (or take `fd`, already open on it); refuse one whose size
+    differs from its index's."""
+    fd = os.open(path, os.O_RDONLY) if fd is None else fd
     size = os.fstat(fd).st_size
     if size != expected_bytes:
         os.close(fd)
         raise InputError(
             f"{path} is {size} bytes but its index says {expected_bytes}: the shard changed after ingest "
-            f"(truncated or overwritten); check it with `vpit verify {path.parent.parent}` and re-run its ingest"
+            f"(truncated or overwritten); check it with `vpit verify {str(path).rsplit('/shards/', 1)[0]}` "
+            "and re-run its ingest"
         )
     return fd
 

@@ -254,7 +254,8 @@ class TokenCache:
         self.rel = f"tokens/{fingerprint}"
         self.versions = versions
         try:  # immutable for its fingerprint: on object storage a cached copy serves every loader worker
-            info = json.loads(storage.local_file(self.root, f"{self.rel}/fingerprint.json", fingerprint).read_bytes())
+            with storage.open_file(self.root, f"{self.rel}/fingerprint.json", fingerprint) as f:
+                info = json.loads(f.read())
         except FileNotFoundError:
             info = None
         if info is None:
@@ -290,13 +291,12 @@ class TokenCache:
         version = f"{self.fingerprint}:{self.versions[shard] if self.versions else ''}"
         where = storage.join(self.root, self.rel, f"{name}.offsets.npy")
         try:
-            offsets = np.load(
-                storage.local_file(self.root, f"{self.rel}/{name}.offsets.npy", version), allow_pickle=False
-            )
+            with storage.open_file(self.root, f"{self.rel}/{name}.offsets.npy", version) as f:
+                offsets = np.load(f, allow_pickle=False)
         except (ValueError, OSError) as e:
             raise CacheError(f"{where} is not readable ({e}). Fix it with: {self.fix}") from None
-        path = storage.local_file(self.root, f"{self.rel}/{name}.npy", version)
-        fd = os.open(path, os.O_RDONLY)
+        path = storage.join(self.root, self.rel, f"{name}.npy")
+        fd = storage.open_fd(self.root, f"{self.rel}/{name}.npy", version)
         try:
             with os.fdopen(os.dup(fd), "rb") as f:
                 fmt = np.lib.format

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -57,6 +58,6 @@ def s3(s3_server, monkeypatch, tmp_path, request):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("VPIT_CACHE_DIR", str(tmp_path / "node-cache"))
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    bucket = "vpit-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    bucket = "vpit-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
     fs.mkdir(bucket)
     yield f"s3://{bucket}", {**os.environ}

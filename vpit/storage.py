@@ -1,7 +1,7 @@
 """Where datasets live: a local folder, or object storage (s3://, gs://, hf://) through fsspec.
 
 A dataset root is a local path or a URL. Everything that reads a dataset asks for a file by its
-root and its relative path (`local_file`, `read_bytes`): for a local root that is the file itself;
+root and its relative path (`open_file`, `read_bytes`): for a local root that is the file itself;
 for a remote root, small metadata (manifests, markers) is read straight from the store, and the
 large files (shard indexes, records, tars, token files) come through a `NodeCache`, one whole
 object at a time, so the readers keep using `os.pread` on local files.
@@ -22,9 +22,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from vpit.errors import InputError
 
@@ -36,7 +38,8 @@ __all__ = [
     "is_remote",
     "join",
     "list_sizes",
-    "local_file",
+    "open_fd",
+    "open_file",
     "node_cache",
     "put_bytes",
     "put_file",
@@ -49,7 +52,6 @@ __all__ = [
 
 DEFAULT_CACHE_BYTES = 64 << 30
 WAIT_FOR_SPACE_S = 600.0  # a download waits this long for others to free the space it needs
-IN_USE_S = 2.0  # an entry fetched or hit this recently is not evicted: its caller is opening it
 
 
 def is_remote(root: str | Path) -> bool:
@@ -178,13 +180,20 @@ def staging_dir(url: str) -> Path:
     return node_cache().dir.parent / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def local_file(root: str | Path, rel: str, version: str = "") -> Path:
-    """A dataset file as a local path: the file itself for a local root, else a whole copy in this
-    node's cache. `version` names the content (e.g. the shard's tar_sha256): a new version of an
-    object is a new cache entry, and a warm read needs no request to the store."""
+def open_file(root: str | Path, rel: str, version: str = "") -> BinaryIO:
+    """A dataset file opened for reading: the file itself for a local root, else a whole copy in
+    this node's cache. `version` names the content (e.g. the shard's tar_sha256): a new version of
+    an object is a new cache entry, and a warm read needs no request to the store. The copy is
+    opened before the cache's lock is let go, so an eviction can never remove it first."""
     if not is_remote(root):
-        return Path(root, rel)
-    return node_cache().fetch(str(join(root, rel)), version)
+        return open(Path(root, rel), "rb")
+    return node_cache().open(str(join(root, rel)), version)
+
+
+def open_fd(root: str | Path, rel: str, version: str = "") -> int:
+    """Like `open_file`, as a raw descriptor (for os.pread), to be closed by the caller."""
+    with open_file(root, rel, version) as f:
+        return os.dup(f.fileno())
 
 
 class NodeCache:
@@ -195,24 +204,23 @@ class NodeCache:
     named by a hash of (URL, version), so a hit is one stat. Before a download, space is
     reserved under a file lock (fcntl, so all the node's processes agree): least recently used
     entries are deleted until the cached bytes plus every pending reservation plus this object
-    fit; an entry used in the last IN_USE_S seconds is never deleted (its caller is about to open
-    it), and a download that cannot fit yet waits for others to finish. The folder therefore never
-    holds more than the bound, downloads in flight included. A deleted entry that a reader still
-    has open stays readable through its descriptor (POSIX).
+    fit, and a download that cannot fit yet waits for others to finish. The folder therefore never
+    holds more than the bound, downloads in flight included. Entries are opened under the same
+    lock, so a reader always gets its file; one deleted while a reader still has it open stays
+    readable through its descriptor (POSIX; its blocks are freed when the reader closes it).
 
     Our own ~80 lines: fsspec's caching filesystems (filecache, simplecache) have no size bound
     that holds across the processes of a node.
     """
 
-    def __init__(self, folder: str | Path, max_bytes: int, in_use_s: float = IN_USE_S):
+    def __init__(self, folder: str | Path, max_bytes: int):
         self.dir = Path(folder)
         self.objects = self.dir / "objects"
         self.reserved = self.dir / "reserved"
         self.objects.mkdir(parents=True, exist_ok=True)
         self.reserved.mkdir(exist_ok=True)
         self.max_bytes = int(max_bytes)
-        self.in_use_s = in_use_s
-        self.fetched = 0  # downloads by this object (a miss), for tests and benches
+        self.fetched = 0  # downloads by this object (misses), for tests and benches
 
     def entry(self, url: str, version: str = "") -> Path:
         key = hashlib.sha256(f"{url}\0{version}".encode()).hexdigest()[:32]
@@ -227,13 +235,13 @@ class NodeCache:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def fetch(self, url: str, version: str = "") -> Path:
+    def open(self, url: str, version: str = "") -> BinaryIO:
+        """The object at `url` (version `version`), opened from the cache; downloaded on a miss."""
         path = self.entry(url, version)
-        try:
-            os.utime(path)  # a hit: mark it recently used
-            return path
-        except FileNotFoundError:
-            pass
+        with self._locked():
+            f = _open_and_touch(path)  # a hit: opened before any evictor can remove it
+            if f is not None:
+                return f
         fs, rpath = filesystem(url)
         try:
             size = int(fs.size(rpath))
@@ -245,12 +253,14 @@ class NodeCache:
                 "(VPIT_CACHE_BYTES); raise the bound"
             )
         tag = f"{os.getpid()}-{threading.get_ident()}"
-        ticket = self.reserved / f"{path.name}.{tag}"
         deadline = time.monotonic() + WAIT_FOR_SPACE_S
         while True:  # other downloads in flight may hold the space: wait for them
             with self._locked():
+                f = _open_and_touch(path)  # another process or thread fetched it meanwhile
+                if f is not None:
+                    return f
                 if self._evict(size):
-                    ticket.write_text(str(size))
+                    ticket = _Reservation(self.reserved / f"{path.name}.{tag}", size)
                     break
             if time.monotonic() > deadline:
                 raise InputError(
@@ -263,31 +273,38 @@ class NodeCache:
         try:
             fs.get_file(rpath, str(part))
             with self._locked():
+                f = open(part, "rb")  # noqa: SIM115 - handed to the caller
                 os.replace(part, path)
-                ticket.unlink()
         finally:
-            part.unlink(missing_ok=True)
-            ticket.unlink(missing_ok=True)
+            with self._locked():
+                part.unlink(missing_ok=True)
+                ticket.release()
         self.fetched += 1
-        return path
+        return f
 
     def _evict(self, incoming: int) -> bool:
         """Delete least recently used entries until `incoming` more bytes fit (under the lock);
         False when they cannot fit yet because downloads in flight hold the space."""
         reserved = 0
-        for ticket in self.reserved.iterdir():
-            base, tag = ticket.name.rsplit(".", 1)
-            if not _alive(int(tag.split("-")[0])):  # killed mid-download: its reservation and part go
-                ticket.unlink(missing_ok=True)
+        for ticket in list(self.reserved.iterdir()):
+            size = _Reservation.held_size(ticket)
+            if size is None:  # its download's process is gone (no lock on it): reservation and part go
+                base, tag = ticket.name.rsplit(".", 1)
                 (self.objects / f"{base}.part-{tag}").unlink(missing_ok=True)
+                ticket.unlink(missing_ok=True)
                 continue
-            reserved += int(ticket.read_text() or 0)
-        entries = [(e.stat().st_mtime_ns, e.stat().st_size, e.path) for e in os.scandir(self.objects)]
-        done = sorted((t, s, p) for t, s, p in entries if ".part-" not in p)
+            reserved += size
+        done = []
+        for e in os.scandir(self.objects):
+            if _PART.search(e.name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = e.stat()
+                done.append((st.st_mtime_ns, st.st_size, e.path))
+        done.sort()
         used = sum(s for _, s, _ in done) + reserved
-        recent = time.time_ns() - int(self.in_use_s * 1e9)
-        for t, size, p in done:
-            if used + incoming <= self.max_bytes or t > recent:  # a fresh entry is about to be opened
+        for _, size, p in done:
+            if used + incoming <= self.max_bytes:
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
@@ -295,14 +312,48 @@ class NodeCache:
         return used + incoming <= self.max_bytes
 
 
-def _alive(pid: int) -> bool:
+_PART = re.compile(r"\.part-\d+-\d+$")
+
+
+def _open_and_touch(path: Path) -> BinaryIO | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        f = open(path, "rb")  # noqa: SIM115 - handed to the caller
+    except FileNotFoundError:
+        return None
+    os.utime(path)  # recently used
+    return f
+
+
+class _Reservation:
+    """Space reserved for one download: a file holding its size, locked (flock) by the downloading
+    process for as long as it runs. A reservation nobody holds the lock of belongs to a process
+    that died: the kernel dropped its lock (this holds across PID namespaces, unlike a pid check)."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.write(self.fd, str(size).encode())
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+    @staticmethod
+    def held_size(path: Path) -> int | None:
+        """The reserved bytes, or None when no live process holds the reservation."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # its download is running
+                return int(os.pread(fd, 32, 0) or 0)
+            return None
+        finally:
+            os.close(fd)
 
 
 def parse_bytes(text: str) -> int:

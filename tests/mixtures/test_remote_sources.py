@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests.mixtures.conftest import spec_text
-from vpit.mixtures import load_spec, make_plan
+from vpit import storage
+from vpit.mixtures import heldout_items, load_spec, make_plan
 from vpit.mixtures.stream import MixtureStream
 from vpit.storage import NodeCache, node_cache
 
@@ -57,38 +58,45 @@ class _Watcher(threading.Thread):
         return self.peak
 
 
-def _stream(spec_path: Path, world: int) -> list[dict]:
+def _stream(spec_path: Path, world: int, workers: int = 0) -> tuple[list[dict], object]:
     plan = make_plan(load_spec(spec_path))
     items = []
     for rank in range(world):
         stream = MixtureStream(plan, global_batch_size=B, rank=rank, world_size=world, prefetch_batches=2)
-        for k, batch in enumerate(stream):
+        for k, batch in enumerate(stream.loader(num_workers=workers)):
             items += [dict(it, step=k) for it in batch]
     return sorted(items, key=lambda it: it["index"]), plan
 
 
-def test_a_mixture_on_s3_streams_the_same_sequence_as_on_local_disk(mix_data, s3, tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", ["plain", "heldout+dedup"])
+def test_a_mixture_on_s3_streams_the_same_sequence_as_on_local_disk(mix_data, s3, tmp_path, monkeypatch, split):
     url, _ = s3
     _upload(mix_data["mix"], f"{url}/mix")
     fp = mix_data["fingerprint"]
-    local_spec = mix_data["root"] / "spec-local-for-s3.yaml"
-    local_spec.write_text(spec_text(fp, seed=3))
+    text = spec_text(fp, und=25, gen=14, edit=5, seed=3)
+    if split != "plain":  # the held-out split by image and dedup read the catalog arrays from S3
+        text += "heldout: {fraction: 0.1}\ndedup: exact\n"
+    local_spec = mix_data["root"] / f"spec-local-for-s3-{split}.yaml"
+    local_spec.write_text(text)
     remote_spec = tmp_path / "spec.yaml"
-    remote_spec.write_text(spec_text(fp, seed=3).replace("path: mix,", f"path: {url}/mix,"))
+    remote_spec.write_text(text.replace("path: mix,", f"path: {url}/mix,"))
 
-    # The bound: the largest object the stream fetches (a tar of a shard written before records
-    # files would be larger; these have records) fits, three of them do not.
+    # The bound: twice the largest object training fetches (never a tar: records come from the
+    # parquet files), so objects are evicted and fetched again while the stream runs.
     sizes = fsspec.filesystem("s3").du(f"{url.removeprefix('s3://')}/mix", total=False)
-    bound = 2 * max(sizes.values()) + 1
+    fetched = {k: v for k, v in sizes.items() if not k.endswith((".tar", ".json", ".jsonl", ".md"))}
+    bound = 2 * max(fetched.values()) + 1
+    assert sum(fetched.values()) > 2 * bound
     monkeypatch.setenv("VPIT_CACHE_BYTES", str(bound))
-    folder = node_cache().objects
+    cache = node_cache()
 
     local, local_plan = _stream(local_spec, world=1)
-    watcher = _Watcher(folder)
+    watcher = _Watcher(cache.objects)
     watcher.start()
     try:
         remote, remote_plan = _stream(remote_spec, world=2)  # cold cache, two ranks
-        warm, _ = _stream(remote_spec, world=1)  # what is left in the cache, one rank
+        cold = cache.fetched
+        warm, _ = _stream(remote_spec, world=1, workers=2)  # two loader processes share the node cache
     finally:
         peak = watcher.stop()
     assert remote_plan.hash == local_plan.hash  # where the data lives is not part of the plan
@@ -98,10 +106,16 @@ def test_a_mixture_on_s3_streams_the_same_sequence_as_on_local_disk(mix_data, s3
         assert a["record"] == b["record"] == c["record"]
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(a["tokens"], c["tokens"])
-        assert "skipped" not in b
+        assert "skipped" not in b and "skipped" not in c
+    assert cold > len(fetched) // 2  # objects were evicted and fetched again
     assert watcher.samples > 10
     assert 0 < peak <= bound
-    assert not any(n.endswith(".tar") for n in os.listdir(folder)), "training must fetch records, not image tars"
+    assert not any(n.endswith(".tar") for n in os.listdir(cache.objects)), "training fetched an image tar"
+    if split != "plain":
+        held_local = heldout_items(load_spec(local_spec))
+        held_remote = heldout_items(load_spec(remote_spec))
+        assert [it["id"] for it in held_local] == [it["id"] for it in held_remote] and held_local
+        np.testing.assert_array_equal(held_local[0]["tokens"], held_remote[0]["tokens"])
 
 
 def test_the_node_cache_holds_its_bound_across_processes_and_threads(s3, tmp_path):
@@ -118,13 +132,12 @@ def test_the_node_cache_holds_its_bound_across_processes_and_threads(s3, tmp_pat
     script = f"""
 import sys, threading, numpy as np
 from vpit.storage import NodeCache
-cache = NodeCache({str(folder)!r}, {bound}, in_use_s=0.05)  # short: each read opens at once
+cache = NodeCache({str(folder)!r}, {bound})
 names = {sorted(payloads)!r}
 def work(seed):
     rng = np.random.default_rng(seed)
     for name in rng.choice(names, 25):
-        path = cache.fetch({url!r} + "/" + name)
-        with open(path, "rb") as f:
+        with cache.open({url!r} + "/" + name) as f:
             sys.stdout.write(name + " " + str(len(f.read())) + "\\n")
 threads = [threading.Thread(target=work, args=(int(sys.argv[1]) * 10 + t,)) for t in range(4)]
 [t.start() for t in threads]; [t.join() for t in threads]
@@ -151,4 +164,31 @@ def test_an_object_larger_than_the_bound_is_refused_by_name(s3, tmp_path):
     fs, bucket = fsspec.core.url_to_fs(url)
     fs.pipe_file(f"{bucket}/big.bin", b"x" * 5000)
     with pytest.raises(Exception, match=r"big.bin is 5,000 bytes, more than the node cache's bound of 1,000"):
-        NodeCache(tmp_path / "c", 1000).fetch(f"{url}/big.bin")
+        NodeCache(tmp_path / "c", 1000).open(f"{url}/big.bin")
+
+
+def test_the_reservation_of_a_download_killed_midway_is_reclaimed(s3, tmp_path, monkeypatch):
+    """A process killed while downloading leaves its reservation and part file; the next download
+    that needs the space takes them back (the dead process holds no lock on its reservation)."""
+    url, env = s3
+    fs, bucket = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{bucket}/small.bin", b"y" * 500)
+    folder = tmp_path / "c"
+    NodeCache(folder, 1000)
+    ticket = folder / "reserved" / "x-big.bin.99999-1"  # named as a download's: ENTRY.PID-THREAD
+    script = (
+        "import pathlib, time\n"
+        "from vpit.storage import _Reservation\n"
+        f"_Reservation(pathlib.Path({str(ticket)!r}), 900)\n"
+        "print('reserved', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "reserved"
+    proc.kill()
+    proc.wait()
+    assert len(os.listdir(folder / "reserved")) == 1
+    monkeypatch.setattr(storage, "WAIT_FOR_SPACE_S", 5.0)  # a live reservation would make it give up
+    with NodeCache(folder, 1000).open(f"{url}/small.bin") as f:
+        assert f.read() == b"y" * 500
+    assert os.listdir(folder / "reserved") == []

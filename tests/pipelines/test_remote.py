@@ -70,7 +70,8 @@ def test_an_ingest_to_s3_killed_midway_finishes_on_rerun_with_nothing_lost_or_re
     for entry in manifest["shards"]:
         tar = fs.cat_file(f"{path}/shards/{entry['name']}.tar")
         assert len(tar) == entry["tar_bytes"] and hashlib.sha256(tar).hexdigest() == entry["tar_sha256"]
-        records = read_records_parquet(storage.local_file(out, records_path(entry["name"]), entry["tar_sha256"]))
+        with storage.open_file(out, records_path(entry["name"]), entry["tar_sha256"]) as f:
+            records = read_records_parquet(f)
         assert len(records) == entry["samples"]
         ids.update(json.loads(r)["origin"]["record_id"] for r in records)
     assert set(ids) == set(info["ids"]) and set(ids.values()) == {1}
