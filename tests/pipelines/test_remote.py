@@ -1,6 +1,6 @@
 """Ingest and precompute write to S3 (moto's server on 127.0.0.1, reached through the standard AWS
 variables only): a killed ingest finishes on re-run with no lost and no duplicated sample, and a
-precompute to S3 writes the same token files as one on local disk."""
+killed precompute to S3 finishes on re-run with the same token files as one on local disk."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import fsspec
 import pytest
 
 from vpit import storage
@@ -45,7 +44,7 @@ def test_an_ingest_to_s3_killed_midway_finishes_on_rerun_with_nothing_lost_or_re
     cmd = [*vpit_argv(), "ingest", "llava", str(info["jsonl"]), "--image-root", str(tmp_path / "raw")]
     cmd += ["-o", out, "--shard-size", "20", "--workers", "1"]
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}  # its own local Ray, like a user's run
-    fs, path = fsspec.core.url_to_fs(out)
+    fs, path = storage.filesystem(out)  # no listing cache: the test lists folders that keep growing
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -88,34 +87,67 @@ def test_an_ingest_to_s3_killed_midway_finishes_on_rerun_with_nothing_lost_or_re
 
 @pytest.fixture(scope="module")
 def local_dataset(ray_local, tmp_path_factory) -> Path:
-    """48 records in 4 shards, ingested to local disk, without a token cache."""
+    """64 records in 8 shards, ingested to local disk, without a token cache."""
     out = tmp_path_factory.mktemp("remote")
-    info = write_llava_dataset(out / "raw", 48, seed=3)
-    config = LlavaConfig(input=str(info["jsonl"]), image_root=str(out / "raw"), source="shapes", shard_size=12)
+    info = write_llava_dataset(out / "raw", 64, seed=3)
+    config = LlavaConfig(input=str(info["jsonl"]), image_root=str(out / "raw"), source="shapes", shard_size=8)
     run_ingest(LlavaAdapter(config), out / "ds", workers=2, progress=False)
     return out / "ds"
 
 
-def test_a_precompute_to_s3_writes_what_a_local_one_writes(local_dataset, s3, tmp_path):
+def _markers(fs, path: str) -> int:
+    try:
+        return sum(p.endswith(".done.json") for p in fs.ls(path, detail=False, refresh=True))
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL everything a command started in its own session: the CLI, its Ray cluster and workers."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def test_a_precompute_to_s3_killed_midway_finishes_on_rerun_and_writes_what_a_local_one_writes(
+    local_dataset, s3, tmp_path
+):
     url, env = s3
     local = tmp_path / "ds"
     shutil.copytree(local_dataset, local)
     remote = f"{url}/ds"
-    fs, path = fsspec.core.url_to_fs(remote)
+    fs, path = storage.filesystem(remote)  # no listing cache: the test lists folders that keep growing
     fs.put(str(local) + "/", path, recursive=True)
 
     encoder, config = EncoderConfig(encoder="tiny"), PrecomputeConfig(batch_size=4, actors=1)
     reference = run_precompute(local, encoder, config, progress=False)
     fp = reference.fingerprint
     # The command, in a process of its own: its Ray workers read the same standard AWS variables
-    # (the test session's Ray was started without them).
+    # (the test session's Ray was started without them). Killed once a shard is complete on S3.
     cmd = [*vpit_argv(), "precompute", remote, "--encoder", "tiny", "--batch-size", "4", "--actors", "1"]
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "first.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline and _markers(fs, f"{path}/tokens/{fp}") < 1:
+                time.sleep(0.01)
+            _kill_session(proc.pid)
+            proc.wait(timeout=30)
+        finally:
+            _kill_session(proc.pid)
+    done = check_cache(remote, fp)["ok"]
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
+    assert 1 <= len(done) < 8, "the job must be killed midway for this test to mean anything"
+
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"fingerprint {fp}" in run.stdout and "4 written now" in run.stdout, run.stdout
+    assert f"fingerprint {fp}" in run.stdout and f"{len(done)} already complete" in run.stdout, run.stdout
     assert f"cache       {remote}/tokens/{fp}" in run.stdout
-    assert check_cache(remote, fp)["ok"] == [f"shard-{i:06d}" for i in range(4)]
+    assert check_cache(remote, fp)["ok"] == [f"shard-{i:06d}" for i in range(8)]
     assert available_fingerprints(remote) == [fp]
     for p in sorted((local / "tokens" / fp).iterdir()):
         got = fs.cat_file(f"{path}/tokens/{fp}/{p.name}")
@@ -126,6 +158,6 @@ def test_a_precompute_to_s3_writes_what_a_local_one_writes(local_dataset, s3, tm
     # a re-run finds it complete (in this process: nothing is left to encode, so no worker reads
     # S3); the cache reads back through the node cache
     again = run_precompute(remote, encoder, config, progress=False)
-    assert again.shards_written == 0 and again.shards_skipped == 4
+    assert again.shards_written == 0 and again.shards_skipped == 8
     cache = TokenCache(remote, fp)
     assert cache.tokens(2, 3).shape[1:] == (cache.m, cache.dim)
