@@ -21,6 +21,7 @@ and the bytes a training node fetched against the bytes of the image tars it did
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sys
@@ -127,11 +128,11 @@ def main() -> None:
     local_spec.write_text(body.format(root=shards))
     remote_spec.write_text(body.format(root=args.url))
 
-    def empty_cache() -> None:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        from vpit import storage
+    passes = itertools.count()
 
-        storage._caches.clear()  # a fresh NodeCache object for the emptied folder
+    def empty_cache() -> None:  # a cold pass: a fresh, empty cache folder (the last one is kept to measure)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        os.environ["VPIT_CACHE_DIR"] = str(cache_dir / f"cold-{next(passes)}")
 
     from vpit.mixtures import load_spec, make_plan
 

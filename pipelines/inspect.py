@@ -78,11 +78,7 @@ def describe_dataset(path: str | Path, n: int = 3, quarantine: int = 5) -> str:
             spans.append((f"shards/{entry['name']}.tar", int(offset), int(size)))
         left -= entry["samples"]
     out += [render_sample(json.loads(data)) for data in storage.read_ranges(ds.root, spans)]
-    try:
-        lines = storage.read_bytes(ds.root, "quarantine.jsonl").decode("utf-8").splitlines()
-    except FileNotFoundError:
-        lines = []
-    bad = [json.loads(line) for line in lines[:quarantine] if line]
+    bad = ds.quarantine()[:quarantine]
     if bad:
         out.append("\nquarantine (first %d):" % len(bad))
         out += [f"  {q['reason']:<24} {q['origin']}  {q['detail']}" for q in bad]

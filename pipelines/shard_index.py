@@ -132,10 +132,9 @@ def write_index_arrays(root: Path, name: str, arrays: ShardArrays) -> None:
 def load_shard_arrays(root: str | Path, name: str, version: str = "") -> ShardArrays:
     """A shard's binary index; from its JSON index when the binary one is absent (older datasets).
     A remote dataset's index comes through the node cache (`version`: the shard's tar_sha256)."""
-    root = storage.as_root(root)
     path = f"shards/{name}.idx.npz"
     try:
-        with storage.open_file(root, path, version) as f, np.load(f, allow_pickle=False) as z:
+        with storage.open_file(root, path, version) as fh, np.load(fh, allow_pickle=False) as z:
             fields = {f.name: z[f.name] for f in dataclasses.fields(ShardArrays) if f.name in z.files}
         missing = {f.name for f in dataclasses.fields(ShardArrays)} - set(fields) - set(_ADDED)
         if missing:

@@ -268,7 +268,8 @@ class Dataset:
         return [str(self.root / "shards" / f"{s['name']}.tar") for s in self.shards]
 
     def quarantine(self) -> list[QuarantineLine]:
-        path = self.root / "quarantine.jsonl"
-        if not path.exists():
+        try:
+            text = storage.read_bytes(self.root, "quarantine.jsonl").decode("utf-8")
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return [json.loads(line) for line in text.splitlines() if line]

@@ -157,3 +157,12 @@ def fake_phased_plan(sources: dict[str, list[tuple[str, int]]], phases: list[dic
         for i, ph in enumerate(phases)
     )
     return dataclasses.replace(base, phases=plans)
+
+
+def upload_folder(local: Path, url: str) -> None:
+    """Put a dataset folder on object storage as it is (lock files left out), one object per file."""
+    from vpit import storage
+
+    for p in sorted(Path(local).rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            storage.put_file(p, url, p.relative_to(local).as_posix())

@@ -14,19 +14,13 @@ import numpy as np
 import pytest
 
 from tests.mixtures.conftest import spec_text
+from tests.mixtures.helpers import upload_folder
 from vpit import storage
 from vpit.mixtures import heldout_items, load_spec, make_plan
 from vpit.mixtures.stream import MixtureStream
 from vpit.storage import NodeCache, node_cache
 
 B = 12
-
-
-def _upload(local: Path, url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    for p in sorted(local.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            fs.put_file(str(p), f"{path}/{p.relative_to(local).as_posix()}")
 
 
 def _cache_bytes(folder: Path) -> int:
@@ -71,7 +65,7 @@ def _stream(spec_path: Path, world: int, workers: int = 0) -> tuple[list[dict], 
 @pytest.mark.parametrize("split", ["plain", "heldout+dedup"])
 def test_a_mixture_on_s3_streams_the_same_sequence_as_on_local_disk(mix_data, s3, tmp_path, monkeypatch, split):
     url, _ = s3
-    _upload(mix_data["mix"], f"{url}/mix")
+    upload_folder(mix_data["mix"], f"{url}/mix")
     fp = mix_data["fingerprint"]
     text = spec_text(fp, und=25, gen=14, edit=5, seed=3)
     if split != "plain":  # the held-out split by image and dedup read the catalog arrays from S3

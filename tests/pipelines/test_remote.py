@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mixtures.helpers import upload_folder
 from vpit import storage
 from vpit.common import vpit_argv
 from vpit.demo.corpora import write_llava_dataset
@@ -120,7 +121,7 @@ def test_a_precompute_to_s3_killed_midway_finishes_on_rerun_and_writes_what_a_lo
     shutil.copytree(local_dataset, local)
     remote = f"{url}/ds"
     fs, path = storage.filesystem(remote)  # no listing cache: the test lists folders that keep growing
-    fs.put(str(local) + "/", path, recursive=True)
+    upload_folder(local, remote)
 
     encoder, config = EncoderConfig(encoder="tiny"), PrecomputeConfig(batch_size=4, actors=1)
     reference = run_precompute(local, encoder, config, progress=False)

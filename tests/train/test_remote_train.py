@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.mixtures.helpers import upload_folder
 from tests.train.conftest import run_vpit
 from tests.train.test_resume import _config, _ids
-from vpit import storage
-
-
-def _upload(local: Path, url: str) -> None:
-    fs, path = storage.filesystem(url)
-    for p in sorted(local.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
-            fs.put_file(str(p), f"{path}/{p.relative_to(local).as_posix()}")
 
 
 def _losses(run: Path) -> list[tuple[float, float]]:
@@ -29,7 +22,7 @@ def _losses(run: Path) -> list[tuple[float, float]]:
 def test_training_from_s3_sees_the_samples_and_losses_of_a_local_run(tmp_path, train_mixture, bpe_tokenizer, s3):
     url, _ = s3
     spec = Path(train_mixture["spec"])
-    _upload(spec.parent / "data", f"{url}/data")
+    upload_folder(spec.parent / "data", f"{url}/data")
     remote_spec = tmp_path / "mix.yaml"
     remote_spec.write_text(spec.read_text().replace("path: data,", f"path: {url}/data,"))
     local_dir, remote_dir = tmp_path / "local", tmp_path / "remote"
