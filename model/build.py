@@ -12,6 +12,7 @@ with `AutoModelForCausalLM.from_pretrained`, safetensors) with the VPiT parts be
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -25,7 +26,8 @@ from vpit.config import path_field
 from vpit.errors import ConfigError
 from vpit.model.chat_template import get_template
 from vpit.model.tokenizer import add_image_tokens, load_tokenizer
-from vpit.model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean, make_mlps
+from vpit.model.sharded_load import LocalPart, load_pretrained_sharded, write_rows, write_whole
+from vpit.model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean, make_mlps, set_rows_to_mean
 
 __all__ = [
     "ModelConfig",
@@ -101,13 +103,19 @@ class Sharding:
     Args:
         new_modules: a context in which new modules are created already sharded (deepspeed.zero.Init).
         gather: a context that materialises sharded parameters for an edit by rank 0, then re-shards.
-        partition: shards the plain parameters of an existing module (what transformers' resize
-            leaves: under ZeRO-3 it makes the new embedding whole on every rank).
+        partition: shards the plain parameters of an existing module (a parameter loaded whole; what
+            transformers' resize leaves: under ZeRO-3 it makes the new embedding whole on every rank).
+        transformers: a context in which transformers creates and loads models sharded itself
+            (HfDeepSpeedConfig): tiny LLMs, checkpoints vpit's loader leaves to it, resizes.
+        local_part: a partitioned parameter's slice on this rank (flattened) and its offset in the
+            flattened whole, for writes that gather nothing; None for a plain parameter.
     """
 
     new_modules: Callable[[], AbstractContextManager]
     gather: Callable[[list[nn.Parameter]], AbstractContextManager]
-    partition: Callable[[nn.Module], None] = lambda module: None
+    partition: Callable[[nn.Module], None]
+    transformers: Callable[[], AbstractContextManager]
+    local_part: Callable[[nn.Parameter], tuple[torch.Tensor, int] | None]
 
 
 def build_model(
@@ -115,31 +123,51 @@ def build_model(
 ) -> tuple[VPiTModel, Any]:
     """A VPiT model in train mode (tiny: random init from the current torch seed) and its tokenizer.
 
-    With `sharding` (ZeRO-3), the caller keeps transformers' HfDeepSpeedConfig alive, so that the LLM
-    itself is created and loaded shard by shard; the two MLPs are created under `new_modules`.
+    With `sharding` (ZeRO-3) no rank holds the model whole: a pretrained LLM is read straight into
+    partitions (model/sharded_load.py), other LLMs are made by transformers under zero.Init, and the
+    two MLPs are created under `new_modules`.
     """
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.tokenizer or ("qwen2.5" if cfg.llm == "tiny" else cfg.llm))
     n_old = len(tokenizer)
     start_id, end_id = add_image_tokens(tokenizer)
-    kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
-    if cfg.llm == "tiny":
-        llm = AutoModelForCausalLM.from_config(tiny_llm_config(cfg, n_old), **kwargs)
-    else:
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, **kwargs)
-    release_freed_memory()  # the load's freed buffers, before the resize gathers the embedding
-    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        if sharding:
-            sharding.partition(llm.get_input_embeddings())
-            if llm.get_output_embeddings() is not None:
-                sharding.partition(llm.get_output_embeddings())
-        release_freed_memory()
-    gather = sharding.gather if sharding else None
     new = [i for i in (start_id, end_id) if i >= n_old]
-    if new:
-        init_new_embeddings_to_mean(llm, new, n_old, gather)
+    kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    seed = torch.initial_seed()
+
+    def set_new_rows(weight: torch.Tensor) -> None:
+        if new:
+            set_rows_to_mean(weight, new, n_old)
+
+    llm = None
+    if sharding and cfg.llm != "tiny":
+        llm = load_pretrained_sharded(cfg.llm, kwargs, sharding.partition, len(tokenizer), n_old, set_new_rows)
+        release_freed_memory()
+        if llm is None:
+            print(
+                f"model.llm: {cfg.llm} is not a safetensors checkpoint named as the model's parameters; loading "
+                "it through transformers, which gathers each module whole on every rank",
+                file=sys.stderr,
+            )
+    if llm is None:
+        with sharding.transformers() if sharding else nullcontext():
+            if cfg.llm == "tiny":
+                llm = AutoModelForCausalLM.from_config(tiny_llm_config(cfg, n_old), **kwargs)
+            else:
+                llm = AutoModelForCausalLM.from_pretrained(cfg.llm, **kwargs)
+            release_freed_memory()  # the load's freed buffers, before the resize gathers the embedding
+            if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+                llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+                if sharding:
+                    sharding.partition(llm.get_input_embeddings())
+                    if llm.get_output_embeddings() is not None:
+                        sharding.partition(llm.get_output_embeddings())
+                release_freed_memory()
+        if new:
+            init_new_embeddings_to_mean(llm, new, n_old, sharding.gather if sharding else None)
+    # The MLPs' init depends on the seed alone, not on how much randomness the LLM's load drew.
+    torch.manual_seed((seed + 1) % 2**63)
     vcfg = VPiTConfig(
         vision_dim=cfg.vision_dim,
         num_visual_tokens=cfg.num_visual_tokens,
@@ -152,15 +180,15 @@ def build_model(
         mlps = make_mlps(vcfg, llm.config.hidden_size, dtype)
     model = VPiTModel(llm, vcfg, *mlps)
     if cfg.init_from:
-        load_init_from(model, cfg.init_from, gather)
+        load_init_from(model, cfg.init_from, sharding.local_part if sharding else None)
     # from_pretrained returns the LLM in eval mode, where HF's gradient checkpointing never
     # recomputes and dropout is off: a trainer wants train mode.
     return model.train(), tokenizer
 
 
-def load_init_from(model: VPiTModel, folder: str | Path, gather: Any = None) -> None:
+def load_init_from(model: VPiTModel, folder: str | Path, local_part: LocalPart | None = None) -> None:
     """Start `model`'s projector, vision head and image-delimiter embedding rows from an exported
-    folder (sharded parameters are gathered, edited by rank 0, re-sharded)."""
+    folder (a sharded model's parameters are written in their partitions, nothing gathered)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -183,16 +211,14 @@ def load_init_from(model: VPiTModel, folder: str | Path, gather: Any = None) -> 
     rows = {"model.embed_tokens.weight": embed}
     if out is not None and out.weight is not embed:
         rows["lm_head.weight"] = out.weight
-    params = [*model.projector.parameters(), *model.vision_head.parameters(), *rows.values()]
-    with gather(params) if gather else nullcontext(), torch.no_grad():
-        for name in ("projector", "vision_head"):
-            module = getattr(model, name)
-            for key, value in load_file(str(folder / f"{name}.safetensors")).items():
-                module.get_parameter(key).copy_(value)
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-            for key, weight in rows.items():
-                if key in f.keys():
-                    weight[ids] = torch.cat([f.get_slice(key)[i : i + 1] for i in ids]).to(weight.dtype)
+    for name in ("projector", "vision_head"):
+        module = getattr(model, name)
+        for key, value in load_file(str(folder / f"{name}.safetensors")).items():
+            write_whole(module.get_parameter(key), value, local_part)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        for key, weight in rows.items():
+            if key in f.keys():
+                write_rows(weight, ids, torch.cat([f.get_slice(key)[i : i + 1] for i in ids]), local_part)
 
 
 def save_exported(model: VPiTModel, tokenizer: Any, out: str | Path) -> Path:

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from vpit.errors import ConfigError
 
-__all__ = ["VPiTConfig", "VPiTModel", "VPiTOutput", "init_new_embeddings_to_mean", "make_mlps"]
+__all__ = ["VPiTConfig", "VPiTModel", "VPiTOutput", "init_new_embeddings_to_mean", "make_mlps", "set_rows_to_mean"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,9 +94,15 @@ def init_new_embeddings_to_mean(
         for w in mats:
             if w.numel() == 0:  # not the modifying rank under ZeRO-3
                 continue
-            keep = torch.ones(n_old, dtype=torch.bool)
-            keep[[i for i in new_ids if i < n_old]] = False
-            w[new_ids] = w[:n_old][keep].mean(0)
+            set_rows_to_mean(w, new_ids, n_old)
+
+
+def set_rows_to_mean(weight: torch.Tensor, new_ids: list[int], n_old: int) -> None:
+    """Rows `new_ids` of an embedding matrix := the mean of its first `n_old` rows (those of
+    `new_ids` among them left out)."""
+    keep = torch.ones(n_old, dtype=torch.bool)
+    keep[[i for i in new_ids if i < n_old]] = False
+    weight[new_ids] = weight[:n_old][keep].mean(0)
 
 
 def _cache_argument(module: nn.Module) -> str:

@@ -125,27 +125,48 @@ def all_reduce(values: list[float] | torch.Tensor, engine: Any, op: str = "sum")
 
 @contextlib.contextmanager
 def sharded_build(config: dict[str, Any], dtype: torch.dtype) -> Iterator[Sharding]:
-    """The context to build a model in under ZeRO-3, so that no rank ever holds all of it: while
-    transformers' HfDeepSpeedConfig lives, it creates (from_config) and loads (from_pretrained)
-    the LLM shard by shard; the VPiT MLPs are created under zero.Init. Ends it afterwards, so a
-    later plain load in the same process (export, evaluation) is not sharded."""
+    """The means to build a model under ZeRO-3 so that no rank ever holds all of it: partitioning
+    (zero.Init, a parameter at a time or new modules), writes into partitions, and transformers'
+    own sharded creation (HfDeepSpeedConfig, alive only inside `transformers()`, so that a later
+    plain load in the same process, export or evaluation, is not sharded)."""
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     deepspeed = _deepspeed()
     if config.get("bf16", {}).get("enabled", False) != (dtype == torch.bfloat16):
         raise ConfigError(f"deepspeed: bf16.enabled must match the model dtype {dtype}")
+
+    @contextlib.contextmanager
+    def transformers_zero3() -> Iterator[None]:
+        keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - transformers holds only a weak reference
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+
     # zero.Init is given no dtype: it then takes the config's (bf16 or fp32). Given one, DeepSpeed
     # 0.19 keeps it only where the accelerator reports fp16 support, and on a CPU without
     # mkldnn fp16 it silently makes bf16 partitions (an operator-precedence slip in _set_dtype).
-    keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - transformers holds only a weak reference
-    try:
-        yield Sharding(
-            new_modules=lambda: deepspeed.zero.Init(config_dict_or_path=config),
-            gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0),
-            partition=lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config),
-        )
-    finally:
-        unset_hf_deepspeed_config()
+    yield Sharding(
+        new_modules=lambda: deepspeed.zero.Init(config_dict_or_path=config),
+        gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0),
+        partition=lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config),
+        transformers=transformers_zero3,
+        local_part=_local_part,
+    )
+
+
+def _local_part(param: torch.nn.Parameter) -> tuple[torch.Tensor, int] | None:
+    """This rank's slice of a ZeRO-3 parameter, flattened, and where it starts in the flattened
+    whole (DeepSpeed cuts the flattened parameter into equal parts, the last one padded)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if not hasattr(param, "ds_id"):
+        return None
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE or param.ds_tensor.final_location is not None:
+        raise RuntimeError(f"parameter {param.ds_id}: only a partition held in memory can be written in place")
+    size = param.ds_tensor.ds_numel
+    start = size * torch.distributed.get_rank(group=param.ds_process_group)
+    return param.ds_tensor.narrow(0, 0, max(0, min(size, param.ds_numel - start))), start
 
 
 def barrier() -> None:

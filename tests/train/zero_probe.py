@@ -1,12 +1,13 @@
-"""Run in a subprocess by test_real_runs.py (a world of one under DeepSpeed ZeRO-3 must not live
-in the pytest process): builds the model the way the trainer does, from an LLM saved to a local
-folder, and prints one JSON line of facts for the tests to check.
+"""Run by test_real_runs.py under torchrun at world size 2 (a world under DeepSpeed ZeRO-3 must not
+live in the pytest process): builds the model the way the trainer does, from an LLM saved to a
+local folder, and writes OUT_DIR/facts-rankR.json for the tests to check.
 
-    python tests/train/zero_probe.py LLM_DIR EXPORT_DIR OUT_DIR
+    torchrun --nproc_per_node 2 tests/train/zero_probe.py LLM_DIR EXPORT_DIR OUT_DIR RENAMED_LLM_DIR
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,11 +15,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def main(llm_dir: str, export_dir: str, out_dir: str) -> None:
+def main(llm_dir: str, export_dir: str, out_dir: str, renamed_llm_dir: str) -> None:
     import deepspeed
     import torch
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
     from safetensors.torch import load_file
+
+    import vpit.train.trainer as trainer_module
+
+    # Every element DeepSpeed gathers whole on this rank (GatheredParameters, transformers' ZeRO-3
+    # load and resize, forward passes): what building the model must not do.
+    gathered = [0]
+    all_gather = Init._all_gather
+
+    def counting_all_gather(self, param_list, *args, **kwargs):
+        gathered[0] += sum(p.ds_numel for p in param_list if p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+        return all_gather(self, param_list, *args, **kwargs)
+
+    Init._all_gather = counting_all_gather
+    builds = []
+
+    def counting_build(*args, **kwargs):
+        before = gathered[0]
+        out = build_model(*args, **kwargs)
+        builds.append(gathered[0] - before)
+        return out
+
+    trainer_module.build_model = counting_build
 
     from vpit.model.build import ModelConfig, build_model
     from vpit.train.config import DataConfig, TrainConfig
@@ -39,9 +62,14 @@ def main(llm_dir: str, export_dir: str, out_dir: str) -> None:
     trainer = Trainer(cfg)  # joins (makes) the world of one; the plain build, no init_from
 
     # 1. zero.Init: right after the build, before deepspeed.initialize, every parameter is a shard
-    ds = ds_config(None, on_gpu=False, micro_batch_size=2, grad_accum=1, world_size=1, grad_clip=1.0)
+    ds = ds_config(
+        None, on_gpu=False, micro_batch_size=2, grad_accum=1, world_size=torch.distributed.get_world_size(), grad_clip=1.0
+    )
+    torch.manual_seed(7)
     with sharded_build(ds, torch.float32) as sharding:
-        model, tok = build_model(model_cfg, torch.float32, sharding)
+        model, tok = counting_build(model_cfg, torch.float32, sharding)
+    torch.manual_seed(7)
+    plain, _ = build_model(model_cfg, torch.float32)
     parts = {"llm": model.llm, "projector": model.projector, "vision_head": model.vision_head}
     facts["sharded_at_build"] = {
         name: all(hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in m.parameters())
@@ -50,6 +78,27 @@ def main(llm_dir: str, export_dir: str, out_dir: str) -> None:
     # the shards hold the dtype asked for (DeepSpeed's own default made bf16 ones on some CPUs)
     facts["shard_dtypes"] = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
     facts["train_mode_after_build"] = model.training and model.llm.training
+    # the sharded build is the plain build, partitioned: every parameter bit-equal once gathered
+    differ = []
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            if not torch.equal(param, plain.get_parameter(name)):
+                differ.append(name)
+    facts["differ_from_the_plain_build"] = differ
+
+    # a checkpoint named otherwise (here: the bare decoder's names) is left to transformers' load
+    renamed_cfg = dataclasses.replace(model_cfg, llm=renamed_llm_dir)
+    torch.manual_seed(7)
+    with sharded_build(ds, torch.float32) as sharding:
+        renamed, _ = build_model(renamed_cfg, torch.float32, sharding)
+    torch.manual_seed(7)
+    renamed_plain, _ = build_model(renamed_cfg, torch.float32)
+    differ = []
+    for name, param in renamed.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            if not torch.equal(param, renamed_plain.get_parameter(name)):
+                differ.append(name)
+    facts["renamed_checkpoint_differs_from_the_plain_build"] = differ
     emb = model.llm.get_input_embeddings().weight
     with deepspeed.zero.GatheredParameters([emb]):
         n_old = len(tok) - 2
@@ -95,8 +144,10 @@ def main(llm_dir: str, export_dir: str, out_dir: str) -> None:
         equal["image_rows"] = bool(torch.equal(emb[ids], exported[ids]))
         equal["other_rows_from_the_llm"] = not bool(torch.equal(emb[:10], exported[:10]))
     facts["init_from_equal"] = equal
-    print("FACTS " + json.dumps(facts), flush=True)
+    facts["elements_gathered_by_each_build"] = builds  # the probe's, the trainer's, init_from's
+    facts["llm_elements"] = sum(p.ds_numel for p in live.llm.parameters())
+    (Path(out_dir) / f"facts-rank{torch.distributed.get_rank()}.json").write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
