@@ -25,8 +25,8 @@ from vpit.common import release_freed_memory
 from vpit.config import path_field
 from vpit.errors import ConfigError
 from vpit.model.chat_template import get_template
-from vpit.model.tokenizer import add_image_tokens, load_tokenizer
 from vpit.model.sharded_load import LocalPart, load_pretrained_sharded, write_rows, write_whole
+from vpit.model.tokenizer import add_image_tokens, load_tokenizer
 from vpit.model.vpit import VPiTConfig, VPiTModel, init_new_embeddings_to_mean, make_mlps, set_rows_to_mean
 
 __all__ = [
@@ -109,6 +109,7 @@ class Sharding:
             (HfDeepSpeedConfig): tiny LLMs, checkpoints vpit's loader leaves to it, resizes.
         local_part: a partitioned parameter's slice on this rank (flattened) and its offset in the
             flattened whole, for writes that gather nothing; None for a plain parameter.
+        device: where this rank's forward runs (the LLM's buffers go there).
     """
 
     new_modules: Callable[[], AbstractContextManager]
@@ -116,6 +117,7 @@ class Sharding:
     partition: Callable[[nn.Module], None]
     transformers: Callable[[], AbstractContextManager]
     local_part: Callable[[nn.Parameter], tuple[torch.Tensor, int] | None]
+    device: torch.device
 
 
 def build_model(
@@ -142,7 +144,9 @@ def build_model(
 
     llm = None
     if sharding and cfg.llm != "tiny":
-        llm = load_pretrained_sharded(cfg.llm, kwargs, sharding.partition, len(tokenizer), n_old, set_new_rows)
+        llm = load_pretrained_sharded(
+            cfg.llm, kwargs, sharding.partition, sharding.device, len(tokenizer), n_old, set_new_rows
+        )
         release_freed_memory()
         if llm is None:
             print(
@@ -211,14 +215,22 @@ def load_init_from(model: VPiTModel, folder: str | Path, local_part: LocalPart |
     rows = {"model.embed_tokens.weight": embed}
     if out is not None and out.weight is not embed:
         rows["lm_head.weight"] = out.weight
-    for name in ("projector", "vision_head"):
-        module = getattr(model, name)
-        for key, value in load_file(str(folder / f"{name}.safetensors")).items():
-            write_whole(module.get_parameter(key), value, local_part)
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        for key, weight in rows.items():
-            if key in f.keys():
-                write_rows(weight, ids, torch.cat([f.get_slice(key)[i : i + 1] for i in ids]), local_part)
+    what = ""
+    try:
+        for name in ("projector", "vision_head"):
+            module = getattr(model, name)
+            for key, value in load_file(str(folder / f"{name}.safetensors")).items():
+                what = f"{name}.safetensors: {key}"
+                write_whole(module.get_parameter(key), value, local_part)
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            for key, weight in rows.items():
+                if key in f.keys():
+                    what = f"model.safetensors: {key}"
+                    write_rows(weight, ids, torch.cat([f.get_slice(key)[i : i + 1] for i in ids]), local_part)
+    except ValueError as e:  # another LLM's widths
+        raise ConfigError(
+            f"model.init_from: {folder}/{what}: {e}; was it exported from another LLM? init_from needs this run's LLM"
+        ) from None
 
 
 def save_exported(model: VPiTModel, tokenizer: Any, out: str | Path) -> Path:

@@ -26,7 +26,7 @@ from torch import nn
 
 from vpit.errors import ConfigError
 
-__all__ = ["load_pretrained_sharded", "write_rows", "write_whole"]
+__all__ = ["full_shape", "load_pretrained_sharded", "write_rows", "write_whole"]
 
 _CHUNK = 1 << 24  # elements read per slice: bounds the dtype conversion's temporary
 
@@ -49,14 +49,17 @@ def load_pretrained_sharded(
     folder: str | Path,
     kwargs: dict[str, Any],
     partition: Callable[[nn.Module], None],
+    device: torch.device,
     num_rows: int,
     first_new_row: int,
     set_new_rows: Callable[[torch.Tensor], None],
 ) -> nn.Module | None:
     """The LLM of `folder` (AutoModelForCausalLM, `kwargs` as for from_pretrained) with every
-    parameter partitioned by `partition`, its embedding matrices grown to `num_rows` rows (those
-    from `first_new_row` on are new tokens) and `set_new_rows` applied to each while it is whole. None when the checkpoint's tensor names are
-    not exactly the model's parameters (the caller then loads through transformers)."""
+    parameter partitioned by `partition` and its buffers on `device`. Its embedding matrices are
+    grown to `num_rows` rows (those from `first_new_row` on are new tokens), and `set_new_rows`
+    is applied to each while it is whole. None when the checkpoint's tensor names are not exactly
+    the model's parameters, or its vocabulary is smaller than the tokenizer's (the caller then
+    loads through transformers)."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -66,7 +69,10 @@ def load_pretrained_sharded(
     if files is None:
         return None
     config = AutoConfig.from_pretrained(folder)
-    config.vocab_size = max(config.vocab_size, num_rows)
+    saved_rows = config.vocab_size
+    if saved_rows < first_new_row:  # rows between would be random, as a resize makes them
+        return None
+    config.vocab_size = max(saved_rows, num_rows)
     with init_empty_weights(include_buffers=False):  # buffers (RoPE frequencies) are computed, not loaded
         llm = AutoModelForCausalLM.from_config(config, **kwargs)
     llm.tie_weights()
@@ -96,13 +102,12 @@ def load_pretrained_sharded(
         for name, param in params.items():
             key = saved[name]
             whole = torch.empty(param.shape, dtype=param.dtype)
-            rows = _read(opened[files[key]], key, whole, grow=id(param) in embeddings)
             if id(param) in embeddings:
-                if rows < first_new_row:  # rows between would be left uninitialised
-                    raise ConfigError(
-                        f"model.llm: {folder}: {key} has {rows} rows, fewer than the tokenizer's {first_new_row} tokens"
-                    )
+                _read(opened[files[key]], key, whole[:saved_rows])
+                whole[saved_rows:] = 0  # all new tokens' rows: set_new_rows sets them
                 set_new_rows(whole)
+            else:
+                _read(opened[files[key]], key, whole)
             new = nn.Parameter(whole, requires_grad=param.requires_grad)
             for owner in owners[id(param)]:
                 module, _, attr = owner.rpartition(".")
@@ -112,7 +117,13 @@ def load_pretrained_sharded(
             partition(holder)  # DeepSpeed keeps this rank's slice and frees the whole
             del whole, new, holder
         for name in buffers & set(files):
-            _read(opened[files[name]], name, llm.get_buffer(name), grow=False)
+            _read(opened[files[name]], name, llm.get_buffer(name))
+    # DeepSpeed moves no module once its parameters are partitioned: the buffers go where the
+    # forward runs (zero.Init would have made them there).
+    for module in llm.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
     if (folder / "generation_config.json").is_file():
         llm.generation_config = GenerationConfig.from_pretrained(folder)
     return llm
@@ -124,30 +135,34 @@ def _non_persistent_buffers(module: nn.Module) -> set[str]:
     }
 
 
-def _read(f: Any, key: str, out: torch.Tensor, grow: bool) -> int:
-    """Copy tensor `key` of an open safetensors file into `out` (casting), a slice at a time; an
-    embedding (`grow`) may have fewer rows than `out`. Returns the rows read."""
+def _read(f: Any, key: str, out: torch.Tensor) -> None:
+    """Copy tensor `key` of an open safetensors file into `out` (casting), a slice at a time."""
     piece = f.get_slice(key)
     shape = list(piece.get_shape())
-    fits = shape == list(out.shape) or (grow and shape[1:] == list(out.shape[1:]) and shape[0] <= out.shape[0])
-    if not fits:
+    if shape != list(out.shape):
         raise ConfigError(f"model.llm: checkpoint tensor {key} has shape {shape}, the model {list(out.shape)}")
     with torch.no_grad():
         if out.dim() < 2:
             out.copy_(f.get_tensor(key))
-            return shape[0] if shape else 1
+            return
         step = max(1, _CHUNK // out[0].numel())
         for a in range(0, shape[0], step):
             b = min(a + step, shape[0])
             out[a:b].copy_(piece[a:b])
-    return shape[0]
 
 
 LocalPart = Callable[[nn.Parameter], "tuple[torch.Tensor, int] | None"]
 
 
+def full_shape(param: nn.Parameter) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its own shape is then [0])."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
 def write_whole(param: nn.Parameter, value: torch.Tensor, local_part: LocalPart | None) -> None:
     """param := value, into this rank's partition only when the parameter is partitioned."""
+    if value.shape != full_shape(param):
+        raise ValueError(f"shape {list(value.shape)} into a parameter of shape {list(full_shape(param))}")
     part = local_part(param) if local_part else None
     with torch.no_grad():
         if part is None:
@@ -159,13 +174,16 @@ def write_whole(param: nn.Parameter, value: torch.Tensor, local_part: LocalPart 
 
 def write_rows(param: nn.Parameter, ids: list[int], rows: torch.Tensor, local_part: LocalPart | None) -> None:
     """param[ids] := rows for a 2-D parameter, into this rank's partition when it is partitioned."""
+    shape = full_shape(param)
+    if rows.shape != (len(ids), shape[1]) or max(ids) >= shape[0]:
+        raise ValueError(f"rows {ids} of width {rows.shape[1]} into a parameter of shape {list(shape)}")
     part = local_part(param) if local_part else None
     with torch.no_grad():
         if part is None:
             param[ids] = rows.to(param.dtype)
             return
         flat, start = part
-        width = rows.shape[1]
+        width = shape[1]
         for i, row in zip(ids, rows, strict=True):
             lo, hi = max(i * width, start), min((i + 1) * width, start + flat.numel())
             if lo < hi:

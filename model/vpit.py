@@ -100,9 +100,10 @@ def init_new_embeddings_to_mean(
 def set_rows_to_mean(weight: torch.Tensor, new_ids: list[int], n_old: int) -> None:
     """Rows `new_ids` of an embedding matrix := the mean of its first `n_old` rows (those of
     `new_ids` among them left out)."""
-    keep = torch.ones(n_old, dtype=torch.bool)
-    keep[[i for i in new_ids if i < n_old]] = False
-    weight[new_ids] = weight[:n_old][keep].mean(0)
+    left_out = [i for i in new_ids if i < n_old]
+    # sums, not a masked copy: the embedding is the largest tensor a sharded build holds whole
+    total = weight[:n_old].sum(0) - (weight[left_out].sum(0) if left_out else 0)
+    weight[new_ids] = total / (n_old - len(left_out))
 
 
 def _cache_argument(module: nn.Module) -> str:

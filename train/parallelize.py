@@ -134,6 +134,14 @@ def sharded_build(config: dict[str, Any], dtype: torch.dtype) -> Iterator[Shardi
     deepspeed = _deepspeed()
     if config.get("bf16", {}).get("enabled", False) != (dtype == torch.bfloat16):
         raise ConfigError(f"deepspeed: bf16.enabled must match the model dtype {dtype}")
+    zero = config.get("zero_optimization", {})
+    # The build partitions a parameter at a time (one zero.Init each): an NVMe swapper would be
+    # made, and its folder emptied, per parameter, and hpZ's group may be made only once.
+    if (zero.get("offload_param") or {}).get("device") == "nvme" or zero.get("zero_hpz_partition_size", 1) > 1:
+        raise ConfigError(
+            "deepspeed: zero_optimization.offload_param.device nvme and zero_hpz_partition_size > 1 are not "
+            "supported by vpit's sharded build; offload parameters to cpu, or set zero_init: false"
+        )
 
     @contextlib.contextmanager
     def transformers_zero3() -> Iterator[None]:
@@ -152,6 +160,7 @@ def sharded_build(config: dict[str, Any], dtype: torch.dtype) -> Iterator[Shardi
         partition=lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config),
         transformers=transformers_zero3,
         local_part=_local_part,
+        device=torch.device(deepspeed.get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0")))),
     )
 
 

@@ -95,8 +95,8 @@ def probe(local_llm, stage1_export, renamed_llm, tmp_path_factory) -> dict:
 
 
 def test_the_model_is_built_sharded_under_zero_init(probe):
-    """Defect 3: no rank materialises the whole model. The LLM (from_pretrained under transformers'
-    HfDeepSpeedConfig), the projector and the head are all shards as soon as they exist."""
+    """Defect 3: no rank materialises the whole model. The LLM (read into partitions a parameter at
+    a time), the projector and the head are all shards as soon as they exist."""
     assert probe["sharded_at_build"] == {"llm": True, "projector": True, "vision_head": True}
     assert probe["new_rows_are_the_mean"] and probe["new_rows_nonzero"]
     assert probe["shard_dtypes"] == ["torch.float32"]  # fp32 on CPU, never DeepSpeed's guess
@@ -117,6 +117,7 @@ def test_a_checkpoint_named_otherwise_loads_through_transformers(probe):
     """Names vpit's loader does not know (renamed or fused keys, other formats) go to transformers'
     own ZeRO-3 load, which maps them, with a line that says what it costs; the result is the same."""
     assert probe["renamed_checkpoint_differs_from_the_plain_build"] == []
+    assert probe["renamed_build_gathered"] > 0  # transformers' load gathers, and the counter sees it
     assert "loading it through transformers, which gathers each module whole" in probe["stderr"]
 
 
@@ -145,6 +146,23 @@ def test_init_from_names_a_wrong_folder_and_a_wrong_shape(tmp_path, local_llm, s
         build_model(ModelConfig(llm=str(local_llm), vision_dim=32, num_visual_tokens=4, init_from=str(tmp_path)))
     with pytest.raises(ConfigError, match="vision_dim=32, this model 64"):
         build_model(ModelConfig(llm=str(local_llm), vision_dim=64, num_visual_tokens=4, init_from=str(stage1_export)))
+    # the same tokenizer and dims, another LLM width: refused before anything is written
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    wider = tmp_path / "wider"
+    tok = AutoTokenizer.from_pretrained(local_llm)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(wider)
+    tok.save_pretrained(wider)
+    with pytest.raises(
+        ConfigError,
+        match=r"projector.safetensors: 0\.\w+: shape \[32.*\] into a parameter of shape \[48.*"
+        r"exported from another LLM",
+    ):
+        build_model(ModelConfig(llm=str(wider), vision_dim=32, num_visual_tokens=4, init_from=str(stage1_export)))
 
 
 _COLLECTIVE_PROBE = """
@@ -217,6 +235,24 @@ def test_a_multi_process_launch_without_rank_fails_with_what_to_do(tmp_path, env
     last = res.stderr.strip().splitlines()[-1]
     assert launcher in last and "torchrun" in last and "RANK" in last and "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [{"offload_param": {"device": "nvme", "nvme_path": "/nvme"}}, {"zero_hpz_partition_size": 8}],
+    ids=["nvme", "hpz"],
+)
+def test_what_the_sharded_build_cannot_do_is_refused(zero):
+    """The build partitions a parameter at a time, one zero.Init each: DeepSpeed would make (and
+    empty the folder of) an NVMe swapper per parameter, and hpZ's group can be made only once."""
+    from vpit.errors import ConfigError
+    from vpit.train.parallelize import ds_config, sharded_build
+
+    cfg = ds_config(None, on_gpu=False, micro_batch_size=1, grad_accum=1, world_size=1, grad_clip=1)
+    cfg["zero_optimization"].update(zero)
+    with pytest.raises(ConfigError, match="not supported by vpit's sharded build.*zero_init: false"):
+        with sharded_build(cfg, torch.float32):
+            pass
 
 
 def test_node_local_checkpoint_storage_is_refused(tmp_path):

@@ -59,11 +59,16 @@ def main(llm_dir: str, export_dir: str, out_dir: str, renamed_llm_dir: str) -> N
         gradient_checkpointing=True,
         loggers=(),
     )
-    trainer = Trainer(cfg)  # joins (makes) the world of one; the plain build, no init_from
+    trainer = Trainer(cfg)  # joins the world torchrun made; a sharded build, no init_from
 
     # 1. zero.Init: right after the build, before deepspeed.initialize, every parameter is a shard
     ds = ds_config(
-        None, on_gpu=False, micro_batch_size=2, grad_accum=1, world_size=torch.distributed.get_world_size(), grad_clip=1.0
+        None,
+        on_gpu=False,
+        micro_batch_size=2,
+        grad_accum=1,
+        world_size=torch.distributed.get_world_size(),
+        grad_clip=1.0,
     )
     torch.manual_seed(7)
     with sharded_build(ds, torch.float32) as sharding:
@@ -90,7 +95,9 @@ def main(llm_dir: str, export_dir: str, out_dir: str, renamed_llm_dir: str) -> N
     renamed_cfg = dataclasses.replace(model_cfg, llm=renamed_llm_dir)
     torch.manual_seed(7)
     with sharded_build(ds, torch.float32) as sharding:
+        before = gathered[0]
         renamed, _ = build_model(renamed_cfg, torch.float32, sharding)
+        facts["renamed_build_gathered"] = gathered[0] - before  # the counter's positive control
     torch.manual_seed(7)
     renamed_plain, _ = build_model(renamed_cfg, torch.float32)
     differ = []
@@ -144,7 +151,7 @@ def main(llm_dir: str, export_dir: str, out_dir: str, renamed_llm_dir: str) -> N
         equal["image_rows"] = bool(torch.equal(emb[ids], exported[ids]))
         equal["other_rows_from_the_llm"] = not bool(torch.equal(emb[:10], exported[:10]))
     facts["init_from_equal"] = equal
-    facts["elements_gathered_by_each_build"] = builds  # the probe's, the trainer's, init_from's
+    facts["elements_gathered_by_each_build"] = builds  # the trainer's, the probe's, init_from's
     facts["llm_elements"] = sum(p.ds_numel for p in live.llm.parameters())
     (Path(out_dir) / f"facts-rank{torch.distributed.get_rank()}.json").write_text(json.dumps(facts))
 
