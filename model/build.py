@@ -147,7 +147,6 @@ def build_model(
         llm = load_pretrained_sharded(
             cfg.llm, kwargs, sharding.partition, sharding.device, len(tokenizer), n_old, set_new_rows
         )
-        release_freed_memory()
         if llm is None:
             print(
                 f"model.llm: {cfg.llm} is not a safetensors checkpoint named as the model's parameters; loading "

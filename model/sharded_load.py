@@ -77,11 +77,11 @@ def load_pretrained_sharded(
     with init_empty_weights(include_buffers=False):  # buffers (RoPE frequencies) are computed, not loaded
         llm = AutoModelForCausalLM.from_config(config, **kwargs)
     llm.tie_weights()
+    if llm.get_input_embeddings().num_embeddings < num_rows:  # an embedding not sized by vocab_size
+        return None
     embeddings = {id(llm.get_input_embeddings().weight)}
     if llm.get_output_embeddings() is not None:
         embeddings.add(id(llm.get_output_embeddings().weight))
-    if llm.get_input_embeddings().num_embeddings < num_rows:
-        return None
 
     owners: dict[int, list[str]] = {}  # a tied parameter has several names; any one may be saved
     for name, param in llm.named_parameters(remove_duplicate=False):

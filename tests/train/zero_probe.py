@@ -15,6 +15,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+def _differing(sharded, plain) -> list[str]:
+    """The parameters of a sharded model that, gathered, are not bit-equal to the plain model's."""
+    import deepspeed
+    import torch
+
+    differ = []
+    for name, param in sharded.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            if not torch.equal(param, plain.get_parameter(name)):
+                differ.append(name)
+    return differ
+
+
 def main(llm_dir: str, export_dir: str, out_dir: str, renamed_llm_dir: str) -> None:
     import deepspeed
     import torch
@@ -84,12 +97,7 @@ def main(llm_dir: str, export_dir: str, out_dir: str, renamed_llm_dir: str) -> N
     facts["shard_dtypes"] = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
     facts["train_mode_after_build"] = model.training and model.llm.training
     # the sharded build is the plain build, partitioned: every parameter bit-equal once gathered
-    differ = []
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            if not torch.equal(param, plain.get_parameter(name)):
-                differ.append(name)
-    facts["differ_from_the_plain_build"] = differ
+    facts["differ_from_the_plain_build"] = _differing(model, plain)
 
     # a checkpoint named otherwise (here: the bare decoder's names) is left to transformers' load
     renamed_cfg = dataclasses.replace(model_cfg, llm=renamed_llm_dir)
@@ -100,12 +108,7 @@ def main(llm_dir: str, export_dir: str, out_dir: str, renamed_llm_dir: str) -> N
         facts["renamed_build_gathered"] = gathered[0] - before  # the counter's positive control
     torch.manual_seed(7)
     renamed_plain, _ = build_model(renamed_cfg, torch.float32)
-    differ = []
-    for name, param in renamed.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            if not torch.equal(param, renamed_plain.get_parameter(name)):
-                differ.append(name)
-    facts["renamed_checkpoint_differs_from_the_plain_build"] = differ
+    facts["renamed_checkpoint_differs_from_the_plain_build"] = _differing(renamed, renamed_plain)
     emb = model.llm.get_input_embeddings().weight
     with deepspeed.zero.GatheredParameters([emb]):
         n_old = len(tok) - 2
